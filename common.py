@@ -33,9 +33,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import tokenize
 import typing
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -604,6 +606,514 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
 def cfg_logits(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
     """CFG on logits (Janus-Pro): uncond + w (cond - uncond)."""
     return uncond + scale * (cond - uncond)
+
+
+# -----------------------------------------------------------------------------
+# matching: batched linear assignment with scipy.optimize.linear_sum_assignment's semantics
+# Algorithm: successive shortest augmenting paths with dual potentials (Crouse 2016), the one behind scipy's
+# rectangular_lsap. Backends: a C++ kernel (g++, one ctypes call per batch), a CUDA kernel (nvcc, one warp per
+# problem) and a Python loop over scipy. The kernels are compiled on first use and cached on disk.
+
+_CPU_SRC = r"""
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <new>
+#include <vector>
+
+namespace {
+constexpr double kInf = std::numeric_limits<double>::infinity();
+enum { kOk = 0, kInvalid = 1, kInfeasible = 2, kNoMemory = 3 };
+
+// Scratch space reused across the problems of a batch, so the loop does not allocate.
+struct Solver {
+  std::vector<double> c, u, v, dist;
+  std::vector<int64_t> path, col4row, row4col, order;
+
+  // Solves one N x M problem (row-major `a`) and writes scipy-style (rows ascending, cols) into rows/cols.
+  int solve(const double* a, int64_t N, int64_t M, bool maximize, int64_t* rows, int64_t* cols) {
+    const bool tall = N > M;  // work on the transpose so that rows n <= columns m, like scipy
+    const int64_t n = tall ? M : N, m = tall ? N : M;
+    c.resize(n * m); u.assign(n, 0.0); v.assign(m, 0.0); dist.resize(m);
+    path.resize(m); col4row.assign(n, -1); row4col.assign(m, -1); order.resize(m);
+    // +inf forbids a pair; NaN or -inf (after the negation for maximize) is an error, as in scipy.
+    for (int64_t i = 0; i < N; ++i)
+      for (int64_t j = 0; j < M; ++j) {
+        const double x = maximize ? -a[i * M + j] : a[i * M + j];
+        if (x != x || x == -kInf) return kInvalid;
+        c[tall ? j * m + i : i * m + j] = x;
+      }
+    for (int64_t cur = 0; cur < n; ++cur) {
+      // Dijkstra over reduced costs from the free row `cur`. Columns not yet reached are order[0, left); reached
+      // ones pile up in order[left, m). Scanning columns from m-1 down to 0 (with swap-removal) reproduces scipy's
+      // tie-breaking exactly, so results equal scipy's permutation, not only its total.
+      for (int64_t k = 0; k < m; ++k) order[k] = m - 1 - k;
+      std::fill(dist.begin(), dist.end(), kInf);
+      int64_t left = m, i = cur, sink = -1;
+      double min_val = 0.0;
+      while (sink < 0) {
+        const double* ci = &c[i * m];
+        const double ui = u[i];
+        double lowest = kInf;
+        int64_t best = -1;
+        for (int64_t k = 0; k < left; ++k) {
+          const int64_t j = order[k];
+          const double r = min_val + ci[j] - ui - v[j];
+          if (r < dist[j]) { dist[j] = r; path[j] = i; }
+          // On a tie prefer a free column: it ends the search early (matters for integer costs).
+          if (dist[j] < lowest || (dist[j] == lowest && row4col[j] < 0)) { lowest = dist[j]; best = k; }
+        }
+        if (lowest == kInf) return kInfeasible;  // row i reaches no further column through finite entries
+        min_val = lowest;
+        const int64_t j = order[best];
+        order[best] = order[--left];
+        order[left] = j;
+        if (row4col[j] < 0) sink = j; else i = row4col[j];
+      }
+      // Dual update keeps reduced costs >= 0. Every reached column j other than the sink was entered from the row
+      // matched to it, so that row's potential moves by the same amount as v[j].
+      u[cur] += min_val;
+      for (int64_t k = left; k < m; ++k) {
+        const int64_t j = order[k];
+        const double delta = min_val - dist[j];
+        v[j] -= delta;
+        if (j != sink) u[row4col[j]] += delta;
+      }
+      // Flip the matching along the path sink -> ... -> cur.
+      for (int64_t j = sink;;) {
+        const int64_t r = path[j];
+        row4col[j] = r;
+        std::swap(col4row[r], j);
+        if (r == cur) break;
+      }
+    }
+    if (!tall) {
+      for (int64_t i = 0; i < n; ++i) { rows[i] = i; cols[i] = col4row[i]; }
+    } else {  // working columns are the original rows: listing them in order sorts the output rows
+      for (int64_t j = 0, k = 0; j < m; ++j)
+        if (row4col[j] >= 0) { rows[k] = j; cols[k] = row4col[j]; ++k; }
+    }
+    return kOk;
+  }
+};
+
+}  // namespace
+
+// Solves B problems of shape N x M (contiguous float64) one after another: the GIL is released (ctypes), and at
+// 1-10 us per problem a thread pool would mostly fight torch's OpenMP workers for the cores. bad[0] / bad[1]
+// receive the index of the first problem with invalid entries / without a complete matching (-1 if none; at most
+// one is set: the first bad problem). Returns 0, or kNoMemory when scratch allocation failed.
+extern "C" int lsap_cpu(const double* cost, int64_t B, int64_t N, int64_t M, int maximize, int64_t* rows,
+                        int64_t* cols, int64_t* bad) {
+  const int64_t n = std::min(N, M);
+  bad[0] = bad[1] = -1;
+  try {
+    Solver s;
+    for (int64_t b = 0; b < B; ++b) {
+      const int st = s.solve(cost + b * N * M, N, M, maximize != 0, rows + b * n, cols + b * n);
+      if (st != kOk) { bad[st - 1] = b; return 0; }
+    }
+  } catch (const std::bad_alloc&) { return kNoMemory; }
+  return 0;
+}
+"""
+
+_CUDA_SRC = r"""
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <math_constants.h>
+
+#define FULL 0xffffffffu
+#define NO_COLUMN 0x7fffffff
+
+// Reads element k of the input in its own dtype (codes match _DTYPE_CODE in Python); the cost is staged once, so a
+// runtime switch here is cheaper than one kernel instantiation per dtype.
+__device__ __forceinline__ double load(const void* p, long long k, int dtype) {
+  switch (dtype) {
+    case 0: return static_cast<const double*>(p)[k];
+    case 1: return static_cast<const float*>(p)[k];
+    case 2: return __half2float(static_cast<const __half*>(p)[k]);
+    case 3: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[k]);
+    case 4: return (double)static_cast<const long long*>(p)[k];
+    case 5: return static_cast<const int*>(p)[k];
+    case 6: return static_cast<const short*>(p)[k];
+    case 7: return static_cast<const signed char*>(p)[k];
+    default: return static_cast<const unsigned char*>(p)[k];  // uint8 and bool
+  }
+}
+
+// Per-lane state lives in registers: lane L owns columns (and rows) L and L + 32, i.e. slot s holds index L + 32 s.
+// x[slot] with a run-time slot would spill the array to local memory, so select with unrolled compares instead.
+template <int S, typename T> __device__ __forceinline__ T pick(const T (&x)[S], int slot) {
+  T r = x[0];
+#pragma unroll
+  for (int s = 1; s < S; ++s) if (slot == s) r = x[s];
+  return r;
+}
+
+// One warp solves one problem; S = 1 handles up to 32 columns, S = 2 up to 64. Every branch that contains a shuffle
+// depends only on warp-uniform values (b, i, j, best, key), so all 32 lanes reach each *_sync call.
+template <int S>
+__global__ void __launch_bounds__(128) lsap_warp(const void* cost, int dtype, long long B, int N, int M, long long sb,
+                                                 long long sr, long long sc, int maximize, long long* out,
+                                                 unsigned long long* err) {
+  extern __shared__ double smem[];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const long long b = (long long)blockIdx.x * (blockDim.x >> 5) + warp;
+  if (b >= B) return;  // whole warp leaves together
+  const bool tall = N > M;  // solve the transpose so that rows n <= columns m
+  const int n = tall ? M : N, m = tall ? N : M;
+  double* C = smem + (size_t)warp * n * m;
+
+  // Stage the problem in shared memory as double in working orientation (negated for maximize), checking entries.
+  bool bad = false;
+  for (int e = lane; e < N * M; e += 32) {
+    const int r = e / M, c = e - r * M;
+    double x = load(cost, b * sb + r * sr + c * sc, dtype);
+    if (maximize) x = -x;
+    bad |= (x != x) || (x == -CUDART_INF);
+    C[tall ? c * m + r : r * m + c] = x;
+  }
+  if (__any_sync(FULL, bad)) {
+    if (lane == 0) atomicMin(&err[0], (unsigned long long)b);
+    return;
+  }
+  __syncwarp();  // C is written by all lanes and read by all lanes below
+
+  double u[S], v[S], dist[S];
+  int path[S], row4col[S], col4row[S];
+  bool reached[S];
+#pragma unroll
+  for (int s = 0; s < S; ++s) { u[s] = 0; v[s] = 0; path[s] = 0; row4col[s] = -1; col4row[s] = -1; }
+
+  for (int cur = 0; cur < n; ++cur) {
+#pragma unroll
+    for (int s = 0; s < S; ++s) { dist[s] = CUDART_INF; reached[s] = false; }
+    unsigned long long rows_seen = 0;  // same value in every lane
+    double min_val = 0;
+    int i = cur, sink;
+    while (true) {  // Dijkstra over reduced costs from the free row `cur`
+      rows_seen |= 1ull << i;
+      const double ui = __shfl_sync(FULL, pick<S>(u, i >> 5), i & 31);
+      const double* Ci = C + i * m;
+      // Lane-local best of the unreached columns, then a warp argmin. Order: smallest dist, then a free column
+      // (ends the search; key bit 64 marks a matched one), then the smallest column index -- a total order, so the
+      // xor-butterfly leaves the same winner in every lane.
+      double best = CUDART_INF;
+      int key = NO_COLUMN;
+#pragma unroll
+      for (int s = 0; s < S; ++s) {
+        const int j = lane + 32 * s;
+        if (j < m && !reached[s]) {
+          const double r = min_val + Ci[j] - ui - v[s];
+          if (r < dist[s]) { dist[s] = r; path[s] = i; }
+          const int k = (row4col[s] >= 0 ? 64 : 0) + j;
+          if (dist[s] < best || (dist[s] == best && k < key)) { best = dist[s]; key = k; }
+        }
+      }
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) {
+        const double ob = __shfl_xor_sync(FULL, best, off);
+        const int ok = __shfl_xor_sync(FULL, key, off);
+        if (ob < best || (ob == best && ok < key)) { best = ob; key = ok; }
+      }
+      if (best == CUDART_INF) {  // nothing more reachable through finite entries
+        if (lane == 0) atomicMin(&err[1], (unsigned long long)b);
+        return;
+      }
+      min_val = best;
+      const int j = key & 63;
+#pragma unroll
+      for (int s = 0; s < S; ++s) if (lane + 32 * s == j) reached[s] = true;
+      if (key < 64) { sink = j; break; }
+      i = __shfl_sync(FULL, pick<S>(row4col, j >> 5), j & 31);
+    }
+
+    // Dual update: reached columns move by min_val - dist[j]; each reached row r != cur was entered through its
+    // matched column col4row[r], whose dist is fetched from the lane owning that column.
+#pragma unroll
+    for (int s = 0; s < S; ++s) {
+      if (reached[s]) v[s] -= min_val - dist[s];
+      const int r = lane + 32 * s, c = col4row[s];  // c = -1 (free row) reads lane 31 harmlessly; unused then
+      double dc = __shfl_sync(FULL, dist[0], c & 31);
+      if (S > 1) { const double d1 = __shfl_sync(FULL, dist[S - 1], c & 31); if (c >= 32) dc = d1; }
+      if (r == cur) u[s] += min_val;
+      else if (r < n && ((rows_seen >> r) & 1ull)) u[s] += min_val - dc;
+    }
+    // Flip the matching along the path sink -> ... -> cur; j and r are warp-uniform, owners update their slots.
+    for (int j = sink;;) {
+      const int r = __shfl_sync(FULL, pick<S>(path, j >> 5), j & 31);
+      const int prev = __shfl_sync(FULL, pick<S>(col4row, r >> 5), r & 31);
+#pragma unroll
+      for (int s = 0; s < S; ++s) {
+        if (lane + 32 * s == j) row4col[s] = r;
+        if (lane + 32 * s == r) col4row[s] = j;
+      }
+      j = prev;
+      if (r == cur) break;
+    }
+  }
+
+  long long* rows = out + b * n;
+  long long* cols = out + B * n + b * n;
+  if (!tall) {
+#pragma unroll
+    for (int s = 0; s < S; ++s) {
+      const int r = lane + 32 * s;
+      if (r < n) { rows[r] = r; cols[r] = col4row[s]; }
+    }
+  } else {  // working columns are the original rows: emit matched ones in index order so output rows are sorted
+    int before = 0;
+#pragma unroll
+    for (int s = 0; s < S; ++s) {
+      const bool matched = lane + 32 * s < m && row4col[s] >= 0;
+      const unsigned mask = __ballot_sync(FULL, matched);
+      if (matched) {
+        const int k = before + __popc(mask & ((1u << lane) - 1));
+        rows[k] = lane + 32 * s;
+        cols[k] = row4col[s];
+      }
+      before += __popc(mask);
+    }
+  }
+}
+
+// Resets the error slots, launches, and reads them back: the one host sync of a call. out: int64 [rows (B*n) |
+// cols (B*n) | err (2)], n = min(N, M) <= 64; strides in elements.
+static cudaError_t solve_on_stream(const void* cost, int dtype, long long B, int N, int M, long long sb, long long sr,
+                                   long long sc, int maximize, long long* out, cudaStream_t st, long long* pinned) {
+  const int n = N < M ? N : M, m = N < M ? M : N;
+  unsigned long long* err = (unsigned long long*)(out + 2 * B * n);
+  cudaError_t e = cudaMemsetAsync(err, 0xff, 2 * sizeof(long long), st);  // all ones = none (-1 as int64)
+  if (e != cudaSuccess) return e;
+  // 4 warps per block keeps blocks small (all SMs busy at B ~ 1000) within the default 48 KB of shared memory.
+  const int per_warp = n * m * (int)sizeof(double);
+  const int warps = 4 * per_warp <= 48 * 1024 ? 4 : 48 * 1024 / per_warp;
+  const long long blocks = (B + warps - 1) / warps;
+  if (m <= 32)
+    lsap_warp<1><<<blocks, 32 * warps, warps * per_warp, st>>>(cost, dtype, B, N, M, sb, sr, sc, maximize, out, err);
+  else
+    lsap_warp<2><<<blocks, 32 * warps, warps * per_warp, st>>>(cost, dtype, B, N, M, sb, sr, sc, maximize, out, err);
+  if ((e = cudaGetLastError()) != cudaSuccess) return e;
+  if ((e = cudaMemcpyAsync(pinned, err, 2 * sizeof(long long), cudaMemcpyDeviceToHost, st)) != cudaSuccess) return e;
+  return cudaStreamSynchronize(st);
+}
+
+// bad_host receives [first problem with invalid entries, first infeasible problem], -1 for none. Returns a cudaError_t.
+extern "C" int lsap_cuda(const void* cost, int dtype, long long B, int N, int M, long long sb, long long sr,
+                         long long sc, int maximize, long long* out, int device, void* stream, long long* bad_host) {
+  // A page-locked buffer per host thread makes the 16-byte read-back a true async copy; calls are synchronous, so
+  // another call cannot be using the same buffer.
+  static thread_local long long* pinned = nullptr;
+  // This runtime and torch's share the thread's current context: switch device only if needed (Python already made
+  // `device` current), and switch back.
+  int previous = device;
+  cudaError_t e = cudaGetDevice(&previous);
+  if (e == cudaSuccess && previous != device) e = cudaSetDevice(device);
+  if (e == cudaSuccess && !pinned) e = cudaHostAlloc((void**)&pinned, 2 * sizeof(long long), cudaHostAllocPortable);
+  if (e == cudaSuccess)
+    e = solve_on_stream(cost, dtype, B, N, M, sb, sr, sc, maximize, out, (cudaStream_t)stream, pinned);
+  if (previous != device) cudaSetDevice(previous);
+  if (e != cudaSuccess) return (int)e;
+  bad_host[0] = pinned[0];
+  bad_host[1] = pinned[1];
+  return 0;
+}
+
+extern "C" const char* lsap_cuda_error(int e) { return cudaGetErrorString((cudaError_t)e); }
+"""
+
+_GPU_MAX_SIDE = 64  # the CUDA kernel keeps 2 columns per lane in registers
+_DTYPE_CODE = {torch.float64: 0, torch.float32: 1, torch.float16: 2, torch.bfloat16: 3, torch.int64: 4,
+               torch.int32: 5, torch.int16: 6, torch.int8: 7, torch.uint8: 8, torch.bool: 8}
+_libs = {}  # "cpu" or ("cuda", device index) -> ctypes.CDLL, or None when the kernel is unavailable
+_libs_lock = threading.Lock()
+_i64, _ptr = ctypes.c_int64, ctypes.c_void_p
+
+
+def _compile(kind: str, compiler: str, src: str, suffix: str, flags: list) -> Path:
+    """Compiles src into a shared library cached under a name hashing source, compiler and flags."""
+    cache = Path(os.environ.get("NANOGENRL_CACHE") or Path.home() / ".cache" / "nanogenrl")
+    tag = hashlib.sha256("\0".join([src, compiler, *flags]).encode()).hexdigest()[:16]
+    out = cache / f"lsap_{kind}_{tag}.so"
+    if out.exists():
+        return out
+    cache.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    fd, tmp = tempfile.mkstemp(dir=cache, prefix=f".{out.name}.", suffix=".tmp")  # same dir: rename is atomic
+    os.close(fd)
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            (Path(d) / f"lsap{suffix}").write_text(src)
+            proc = subprocess.run([compiler, *flags, f"{d}/lsap{suffix}", "-o", tmp], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{compiler} exited with {proc.returncode}:\n{proc.stdout}{proc.stderr}")
+        os.chmod(tmp, 0o755)  # mkstemp made it private
+        os.replace(tmp, out)  # concurrent ranks each build their own temp file; the last rename wins harmlessly
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    what = "CPU" if kind == "cpu" else "CUDA " + kind.split("_")[1]
+    print(f"linear_assignment: built the {what} assignment kernel in {time.perf_counter() - t0:.1f} s, cached at {out}",
+          file=sys.stderr)
+    return out
+
+
+def _find_nvcc():
+    try:  # imported lazily: slow, needs setuptools, and only matters for a first build
+        from torch.utils.cpp_extension import CUDA_HOME as torch_cuda_home
+    except ImportError:
+        torch_cuda_home = None
+    for home in (os.environ.get("CUDA_HOME"), torch_cuda_home):
+        if home and os.path.isfile(os.path.join(home, "bin", "nvcc")):
+            return os.path.join(home, "bin", "nvcc")
+    return shutil.which("nvcc")
+
+
+def _build_cuda_kernel(capability: tuple) -> Path:
+    nvcc = _find_nvcc()
+    if nvcc is None:
+        raise RuntimeError("nvcc not found ($CUDA_HOME/bin, torch's CUDA_HOME, PATH)")
+    arch = f"{capability[0]}{capability[1]}"
+    flags = ["-O3", "-shared", "-Xcompiler", "-fPIC", "-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+    return _compile(f"cuda_sm{arch}", nvcc, _CUDA_SRC, ".cu", flags)
+
+
+def _load(key, device=None):
+    """Builds and loads a kernel once per process; on failure prints one line and returns None (fallback)."""
+    with _libs_lock:
+        if key in _libs:
+            return _libs[key]
+        lib = None
+        try:
+            if key == "cpu":
+                gxx = shutil.which("g++")
+                if gxx is None:
+                    raise RuntimeError("no C++ compiler: g++ is not on PATH")
+                flags = ["-O3", "-shared", "-fPIC", "-std=c++17"]  # no -march=native: caches get shared
+                lib = ctypes.CDLL(str(_compile("cpu", gxx, _CPU_SRC, ".cpp", flags)))
+                lib.lsap_cpu.argtypes = [_ptr, _i64, _i64, _i64, ctypes.c_int, _ptr, _ptr, _ptr]
+            else:
+                lib = ctypes.CDLL(str(_build_cuda_kernel(torch.cuda.get_device_capability(device))))
+                lib.lsap_cuda.argtypes = [_ptr, ctypes.c_int, _i64, ctypes.c_int, ctypes.c_int, _i64, _i64, _i64,
+                                          ctypes.c_int, _ptr, ctypes.c_int, _ptr, _ptr]
+                lib.lsap_cuda_error.restype = ctypes.c_char_p
+        except (RuntimeError, OSError) as e:
+            what = "CPU" if key == "cpu" else "CUDA"
+            instead = "a Python loop over scipy" if key == "cpu" else "the host (CPU) path"
+            print(f"linear_assignment: {what} kernel unavailable ({e}); using {instead} instead", file=sys.stderr)
+        _libs[key] = lib
+        return lib
+
+
+def _backend(device: torch.device):
+    if os.environ.get("NANOGENRL_NO_KERNEL", "0") not in ("", "0"):
+        return "scipy", None
+    if device.type == "cuda":
+        lib = _libs[("cuda", device.index)] if ("cuda", device.index) in _libs else _load(("cuda", device.index), device)
+        if lib is not None:
+            return "cuda-kernel", lib
+    lib = _libs["cpu"] if "cpu" in _libs else _load("cpu")
+    return ("cpu-kernel", lib) if lib is not None else ("scipy", None)
+
+
+def assignment_backend(device) -> str:
+    """Backend linear_assignment uses on `device` ("cuda-kernel", "cpu-kernel" or "scipy"); builds the kernel if
+    needed. On CUDA, problems with a side > 64 still go to the host backend."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return _backend(device)[0]
+
+
+def _raise_first_bad(invalid: int, infeasible: int, batched: bool):
+    if invalid < 0 and infeasible < 0:
+        return
+    first = invalid if infeasible < 0 or 0 <= invalid < infeasible else infeasible
+    where = f"cost[{first}]" if batched else "cost"
+    if first == invalid:
+        raise ValueError(f"linear_assignment: {where} contains NaN or -inf (invalid entries)")
+    raise ValueError(f"linear_assignment: {where} is infeasible (no complete matching over finite entries)")
+
+
+def _solve_host(lib, a: np.ndarray, maximize: bool, batched: bool):
+    B, N, M = a.shape
+    n = min(N, M)
+    rows, cols = np.empty((B, n), np.int64), np.empty((B, n), np.int64)
+    if lib is None:  # scipy fallback, one call per problem
+        from scipy.optimize import linear_sum_assignment
+        for b in range(B):
+            try:
+                rows[b], cols[b] = linear_sum_assignment(a[b], maximize=maximize)
+            except ValueError as e:  # scipy stops at the first bad problem, like the kernels
+                infeasible = "infeasible" in str(e)
+                _raise_first_bad(-1 if infeasible else b, b if infeasible else -1, batched)
+    else:
+        bad = (_i64 * 2)()
+        if lib.lsap_cpu(a.ctypes.data, B, N, M, maximize, rows.ctypes.data, cols.ctypes.data, bad):
+            raise MemoryError("linear_assignment: out of memory for the CPU kernel's scratch space")
+        _raise_first_bad(bad[0], bad[1], batched)
+    return torch.from_numpy(rows), torch.from_numpy(cols)
+
+
+def _solve_cuda(lib, cost: torch.Tensor, maximize: bool, batched: bool):
+    code = _DTYPE_CODE.get(cost.dtype)
+    if code is None:  # rare dtypes (uint16, float8, ...): let torch convert
+        cost, code = cost.to(torch.float64), 0
+    B, N, M = cost.shape
+    n = min(N, M)
+    # One allocation holds both outputs and the 2-slot error buffer; strides go to the kernel, so no copy is made.
+    out = torch.empty(2 * B * n + 2, dtype=torch.int64, device=cost.device)
+    bad = (_i64 * 2)()
+    err = lib.lsap_cuda(cost.data_ptr(), code, B, N, M, *cost.stride(), maximize, out.data_ptr(), cost.device.index,
+                        torch.cuda.current_stream(cost.device).cuda_stream, bad)
+    if err in (35, 209, 222):  # driver older than nvcc's runtime, or no code for this GPU: use the host from now on
+        print(f"linear_assignment: CUDA kernel cannot run here ({lib.lsap_cuda_error(err).decode()}); using the host "
+              "(CPU) path instead", file=sys.stderr)
+        _libs[("cuda", cost.device.index)] = None
+        return None, None
+    if err:
+        raise RuntimeError(f"linear_assignment: CUDA error {err}: {lib.lsap_cuda_error(err).decode()}")
+    _raise_first_bad(bad[0], bad[1], batched)
+    return out[: B * n].view(B, n), out[B * n : 2 * B * n].view(B, n)
+
+
+def linear_assignment(cost: torch.Tensor, maximize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched scipy.optimize.linear_sum_assignment.
+
+    cost: (B, N, M) or (N, M) real tensor, any N, M >= 0. Returns (row_ind, col_ind), int64, shape (B, min(N, M)) (or
+    (min(N, M),)), on cost.device: rows ascending, col_ind[k] the column matched to row_ind[k]; the total is minimal
+    (maximal with maximize=True). After negation for maximize, +inf forbids a pair; NaN / -inf, or a problem without
+    a complete matching over finite entries, raises ValueError naming the first such batch index. Computes in float64.
+    Backends (see assignment_backend): CUDA tensors with N, M <= 64 use a CUDA kernel (one warp per problem, one host
+    sync per call); larger ones and CPU tensors use a multithreaded C++ kernel on the host; if g++ is missing, or
+    NANOGENRL_NO_KERNEL=1 is set, a Python loop over scipy. Kernels build on first use into $NANOGENRL_CACHE
+    (default ~/.cache/nanogenrl). Equal-cost optima may be permuted differently on CUDA than in scipy; totals agree.
+    """
+    if cost.dim() not in (2, 3) or cost.is_complex():
+        raise ValueError(f"linear_assignment: expected a real (N, M) or (B, N, M) tensor, got {tuple(cost.shape)}")
+    batched = cost.dim() == 3
+    c3 = cost if batched else cost.unsqueeze(0)
+    B, N, M = c3.shape
+    if B * N * M == 0:
+        rows = torch.empty(B, min(N, M), dtype=torch.int64, device=cost.device)
+        return (rows, rows.clone()) if batched else (rows[0], rows[0].clone())
+    name, lib = _backend(cost.device)
+    rows = None
+    if name == "cuda-kernel" and max(N, M) <= _GPU_MAX_SIDE:
+        same = cost.device.index == torch.cuda.current_device()
+        # torch's guard switches device without creating a context on the device it restores
+        with contextlib.nullcontext() if same else torch.cuda.device(cost.device):
+            rows, cols = _solve_cuda(lib, c3.detach(), maximize, batched)  # None if the kernel cannot run here
+    if rows is None:  # CPU tensor, side > 64, or no usable CUDA kernel
+        lib = _backend(torch.device("cpu"))[1]
+        host = c3.detach().cpu()
+        if host.dtype == torch.bfloat16:  # numpy has no bfloat16
+            host = host.float()
+        a = np.ascontiguousarray(host.numpy(), dtype=np.float64)
+        rows, cols = (t.to(cost.device) for t in _solve_host(lib, a, bool(maximize), batched))
+    return (rows, cols) if batched else (rows[0], cols[0])
 
 
 # -----------------------------------------------------------------------------
