@@ -178,6 +178,23 @@ def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str,
     return {k: (s / c).item() if c > 0 else float("nan") for k, s, c in zip(values, sums, counts)}
 
 
+def average_gradients(params: list[torch.Tensor]) -> None:
+    """Data parallelism over the trainable (LoRA) parameters: one all-reduce of all gradients, flattened.
+
+    Used instead of wrapping a 12B model in DDP when only adapters train and a step runs several forwards
+    (no-grad sampling, then gradient steps); call it after the last backward, before clipping."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset:offset + g.numel()].view_as(p).to(p.dtype)
+        offset += g.numel()
+
+
 def peak_memory_gb(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
 
@@ -274,6 +291,20 @@ class MetricLog:
     def __init__(self, out_dir: str, total_steps: int, start_step: int = 0, enabled: bool = True):
         self.path, self.total, self.enabled = os.path.join(out_dir, "metrics.jsonl"), total_steps, enabled
         self.start_step, self.t0 = start_step, time.time()
+        if enabled:
+            os.makedirs(out_dir, exist_ok=True)
+            if start_step == 0:  # a fresh run starts a fresh file; a resumed one keeps the steps before it
+                open(self.path, "w").close()
+            else:
+                self._truncate_after(start_step)
+
+    def _truncate_after(self, step: int) -> None:
+        """Drops lines logged after the checkpoint a run resumes from (they will be logged again)."""
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+            with open(self.path, "w") as f:
+                f.writelines(kept)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:

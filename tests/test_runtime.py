@@ -174,6 +174,10 @@ WORKER = textwrap.dedent("""
     print(f"worker {d.rank} alive", flush=True)
     m = common.all_reduce_mean({"reward": float(d.rank), "only_rank0": 5.0 if d.rank == 0 else float("nan")}, d.device)
     assert m == {"reward": 0.5, "only_rank0": 5.0}, m
+    w = torch.nn.Parameter(torch.zeros(3))
+    (w * (d.rank + 1)).sum().backward()  # rank 0 sees grad 1, rank 1 sees grad 2
+    common.average_gradients([w])
+    assert torch.equal(w.grad, torch.full((3,), 1.5)), w.grad
     common.seed_everything(10 + d.rank)
     path = os.path.join(os.environ["OUT"], "latest.pt")
     common.save_checkpoint(path, {"step": 3})
