@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import re
 import time
@@ -97,8 +98,8 @@ class Config:
 
 # The embedded default (no --flux-dir) is a toy, like CartPole: tiny random models of the real classes and
 # synthetic identities, sized to learn in minutes on 2 CPU cores. These values replace flags left at their default.
-TOY = dict(resolution=16, num_steps=8, guidance=1.0, grad_window=3, lora_rank=16, lr=2e-3, weight_decay=0.0,
-           max_steps=60,
+TOY = dict(resolution=16, num_steps=8, guidance=1.0, grad_window=3, lora_rank=32, lr=1e-2, weight_decay=0.0,
+           max_steps=100,
            group_size=4, grpo_steps=6, sample_every=20, save_every=20, batch_size=2, grad_checkpointing=False)
 
 # -----------------------------------------------------------------------------
@@ -155,7 +156,7 @@ def load_models(cfg: Config, device: torch.device, dtype: torch.dtype) -> Models
 
 def _tiny_models(cfg: Config) -> Models:
     """Tiny randomly initialised instances of the real classes (diffusers' own test sizes), built offline."""
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from diffusers import FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     torch.manual_seed(cfg.seed)  # the toy's "pretrained" weights are the same in every run and rank
@@ -163,11 +164,10 @@ def _tiny_models(cfg: Config) -> Models:
     transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
                                          attention_head_dim=16, num_attention_heads=4, joint_attention_dim=32,
                                          pooled_projection_dim=32, axes_dims_rope=[4, 6, 6], guidance_embeds=True)
-    # two VAE blocks: latents at half the image's resolution, 4 channels -> 16 per packed token (2x2 patch)
-    vae = AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
-                        norm_num_groups=1,
-                        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
+    vae = _toy_vae()
+    state, shift, scale = _fitted_toy_vae(cfg.seed)
+    vae.load_state_dict(state)
+    vae.register_to_config(shift_factor=shift, scaling_factor=scale)
     clip = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
                                         num_attention_heads=4, vocab_size=tokenizer.vocab_size, projection_dim=32,
                                         bos_token_id=0, eos_token_id=tokenizer.eos_token_id, pad_token_id=1))
@@ -176,6 +176,36 @@ def _tiny_models(cfg: Config) -> Models:
     arcface = IResNet(layers=(1, 1, 1, 1), width=8)
     arcface.eval()
     return Models(transformer, vae, clip, tokenizer, t5, tokenizer, SlotDetector(), arcface, max_text_len=16)
+
+
+def _toy_vae() -> nn.Module:
+    """Two VAE blocks: latents at half the image's resolution, 4 channels -> 16 per packed token (2x2 patch)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
+                         norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+                         shift_factor=0.0609, scaling_factor=1.5035)
+
+
+@functools.lru_cache(maxsize=2)
+def _fitted_toy_vae(seed: int) -> tuple[dict[str, torch.Tensor], float, float]:
+    """The toy's one trained component: a random VAE is no autoencoder (decode(encode(target)) scores like noise),
+    so nothing the generator learns would look like a target. 120 Adam steps (~2 s on CPU) fit it to reconstruct
+    the synthetic targets and identities; the transformer, text encoders and ArcFace stay random."""
+    data = [torch.stack([r["target"] for r in toy_dataset(seed)]), toy_identities(seed)]
+    with torch.random.fork_rng(), torch.enable_grad():  # cached per process: leaves the caller's RNG alone
+        torch.manual_seed(seed)
+        vae = _toy_vae()
+        opt = torch.optim.Adam(vae.parameters(), lr=1e-2)
+        for _ in range(120):
+            loss = sum(F.mse_loss(vae.decode(vae.encode(x).latent_dist.mode()).sample, x) for x in data)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():  # normalise latents to zero mean, unit std, as FLUX's shift/scale factors do
+            z = torch.cat([vae.encode(x).latent_dist.mode().flatten() for x in data])
+    return {k: v.detach().clone() for k, v in vae.state_dict().items()}, z.mean().item(), 1.0 / z.std().item()
 
 
 def _toy_tokenizer():
@@ -785,7 +815,7 @@ class SlotDetector(nn.Module):
 
 
 TOY_FACE = 8  # toy identity patterns are TOY_FACE px square; toy images hold two of them side by side
-TOY_IDENTITIES = 4
+TOY_IDENTITIES = 3
 
 
 def toy_identities(seed: int) -> torch.Tensor:
