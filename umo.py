@@ -997,8 +997,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, clip: float) -> tor
     return adv.view(-1).clamp(-clip, clip)
 
 
-def grpo_step(models: Models, cfg: Config, cond: Condition, batch: dict, advantages: torch.Tensor,
-              params: list[torch.Tensor]) -> dict:
+def grpo_step(models: Models, cfg: Config, cond: Condition, batch: dict, advantages: torch.Tensor) -> dict:
     """Flow-GRPO update over the trained timesteps: re-score each stored transition with the same conditioning,
     clipped ratio loss, KL of step means to the adapter-disabled model; backward per timestep (accumulated)."""
     sigmas, latents, old = batch["sigmas"], batch["latents"], batch["log_probs"]
@@ -1071,9 +1070,10 @@ def train(cfg: Config) -> list[dict]:
     add_lora(cfg, models)
     params = common.lora_parameters(models.transformer)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    rows = load_rows(cfg)[d.rank::d.world_size]  # prompts sharded by rank; a GRPO group stays on its rank
+    all_rows = load_rows(cfg)
+    rows = all_rows[d.rank::d.world_size]  # prompts sharded by rank; a GRPO group stays on its rank
     if not rows:
-        raise ValueError(f"{len(load_rows(cfg))} data lines cannot feed {d.world_size} ranks")
+        raise ValueError(f"{len(all_rows)} data lines cannot feed {d.world_size} ranks")
     images_per_sample = 1 if cfg.algorithm == "rerefl" else cfg.group_size
     common.print0(f"{len(rows)} prompts per rank, {cfg.batch_size} per step, {images_per_sample} image(s) each, "
                   f"{sum(p.numel() for p in params) / 1e6:.2f}M LoRA parameters")
@@ -1124,7 +1124,7 @@ def train(cfg: Config) -> list[dict]:
                     skipped += 1
                     continue
                 adv = group_advantages(r, cfg.group_size, cfg.adv_clip) / cfg.batch_size
-                stats = grpo_step(models, cfg, cond.repeat(cfg.group_size), batch, adv, params)
+                stats = grpo_step(models, cfg, cond.repeat(cfg.group_size), batch, adv)
                 losses.append(stats.pop("policy_loss"))
                 for k, v in stats.items():
                     extra.setdefault(k, []).append(v)
@@ -1186,9 +1186,9 @@ def evaluate(cfg: Config, out_json: str | None = None) -> dict:
 
     Scale: x100 as XVerseBench reports (cos x 100); --eval-scale 10 gives OmniContext's 0-10 scale. Runs in one
     process (the released XVerse-style scripts fail with a single process)."""
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else cfg.device))
+    device = common.init_dist(cfg.device).device  # one process: no process group is created
     dtype, why = common.pick_dtype(device, cfg.dtype)
+    print(f"umo evaluate on {device} | {why}")
     models = load_models(cfg, device, dtype)
     add_lora(cfg, models)
     sims, confs, per_sample = [], [], []
@@ -1223,8 +1223,7 @@ def generate_image(models: Models, cfg: Config, prompt: str, refs: list[torch.Te
 
 
 def generate(cfg: Config, prompt: str, ref_paths: list[str], out_path: str) -> str:
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else cfg.device))
+    device = common.init_dist(cfg.device).device  # one process: no process group is created
     dtype, _ = common.pick_dtype(device, cfg.dtype)
     models = load_models(cfg, device, dtype)
     add_lora(cfg, models)
