@@ -1242,8 +1242,7 @@ def generate(cfg: Config, prompt: str, ref_paths: list[str], out_path: str) -> s
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="UMO: multi-identity matching reward + ReReFL / Flow-GRPO on UNO-FLUX",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description="UMO: multi-identity matching reward + ReReFL / Flow-GRPO on UNO-FLUX")
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--train", action="store_true", help="run the RL loop (torchrun for several GPUs)")
     mode.add_argument("--evaluate", action="store_true", help="generate for --data and write ID-Sim / ID-Conf JSON")
