@@ -285,6 +285,25 @@ def load_checkpoint(path: str) -> dict:
     return state
 
 
+def save_lora_training(path: str, model: nn.Module, optimizer, step: int, config: dict) -> None:
+    """Checkpoint of an adapter run (step, LoRA weights, optimizer, config, RNG); every rank calls it.
+
+    Non-finite adapters are refused, so the previous checkpoint stays the last good one."""
+    if not all(torch.isfinite(p).all() for p in lora_parameters(model)):
+        raise FloatingPointError(f"non-finite LoRA weights at step {step}: not overwriting {path}")
+    save_checkpoint(path, {"step": step, "lora": lora_state_dict(model), "optimizer": optimizer.state_dict(),
+                           "config": config})
+
+
+def resume_lora_training(path: str, model: nn.Module, optimizer) -> int:
+    """Restores what save_lora_training wrote (strict LoRA keys, optimizer, RNG) and returns the step to go on from."""
+    state = load_checkpoint(path)
+    load_lora(model, state["lora"], prefix="")
+    optimizer.load_state_dict(state["optimizer"])
+    print0(f"resumed from {path} at step {state['step']}")
+    return state["step"]
+
+
 class MetricLog:
     """One rank-0 line per step (fields in the order given, `|` between) and one JSON object per step."""
 

@@ -1078,13 +1078,8 @@ def train(cfg: Config) -> list[dict]:
     common.print0(f"{len(rows)} prompts per rank, {cfg.batch_size} per step, {images_per_sample} image(s) each, "
                   f"{sum(p.numel() for p in params) / 1e6:.2f}M LoRA parameters")
 
-    ckpt_path, start = os.path.join(cfg.out_dir, "checkpoint", "latest.pt"), 0
-    if cfg.resume and os.path.exists(ckpt_path):
-        state = common.load_checkpoint(ckpt_path)
-        common.load_lora(models.transformer, state["lora"], prefix="")
-        optimizer.load_state_dict(state["optimizer"])
-        start = state["step"]
-        common.print0(f"resumed from {ckpt_path} at step {start}")
+    ckpt_path = os.path.join(cfg.out_dir, "checkpoint", "latest.pt")
+    start = common.resume_lora_training(ckpt_path, models.transformer, optimizer) if cfg.resume else 0
     if d.is_main:
         common.save_json(os.path.join(cfg.out_dir, "config.json"), dataclasses.asdict(cfg))
     log = common.MetricLog(cfg.out_dir, cfg.max_steps, start, enabled=d.is_main)
@@ -1148,11 +1143,7 @@ def train(cfg: Config) -> list[dict]:
         if d.is_main and shown and ((step + 1) % cfg.sample_every == 0 or step + 1 == cfg.max_steps):
             common.save_grid(torch.cat(shown), os.path.join(cfg.out_dir, "samples", f"step_{step + 1:06d}.png"))
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
-            if not all(torch.isfinite(p).all() for p in params):
-                raise FloatingPointError(f"non-finite LoRA weights at step {step + 1}; the last checkpoint is kept")
-            common.save_checkpoint(ckpt_path, {"step": step + 1, "optimizer": optimizer.state_dict(),
-                                               "lora": common.lora_state_dict(models.transformer),
-                                               "config": dataclasses.asdict(cfg)})
+            common.save_lora_training(ckpt_path, models.transformer, optimizer, step + 1, dataclasses.asdict(cfg))
     if d.is_main:
         common.save_lora(models.transformer, os.path.join(cfg.out_dir, "lora.safetensors"))
         common.print0(f"LoRA written to {os.path.join(cfg.out_dir, 'lora.safetensors')}")

@@ -991,13 +991,7 @@ def train(cfg: Config) -> None:
     params = common.lora_parameters(models.model)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     ckpt_path = os.path.join(cfg.out_dir, "checkpoint", "latest.pt")
-    start = 0
-    if cfg.resume:
-        state = common.load_checkpoint(ckpt_path)
-        common.load_lora(models.model, state["lora"], prefix="")
-        optimizer.load_state_dict(state["optimizer"])
-        start = state["step"]
-        common.print0(f"resumed from {ckpt_path} at step {start}")
+    start = common.resume_lora_training(ckpt_path, models.model, optimizer) if cfg.resume else 0
     if d.is_main:
         os.makedirs(os.path.join(cfg.out_dir, "samples"), exist_ok=True)
         common.save_json(os.path.join(cfg.out_dir, "config.json"), dataclasses.asdict(cfg))
@@ -1043,10 +1037,7 @@ def train(cfg: Config) -> None:
             grid = torch.stack([common.pil_to_tensor(im) for im in batch.images[:cfg.group_size]])
             common.save_grid(grid, os.path.join(cfg.out_dir, "samples", f"step_{step + 1:06d}.png"))
         if (step + 1) % cfg.save_every == 0 or done:  # every rank calls save_checkpoint (it gathers RNG states)
-            if not all(torch.isfinite(p).all() for p in params):
-                raise RuntimeError(f"non-finite LoRA weights at step {step + 1}: not saving a NaN checkpoint")
-            common.save_checkpoint(ckpt_path, {"step": step + 1, "lora": common.lora_state_dict(models.model),
-                                               "optimizer": optimizer.state_dict(), "config": dataclasses.asdict(cfg)})
+            common.save_lora_training(ckpt_path, models.model, optimizer, step + 1, dataclasses.asdict(cfg))
             if d.is_main:
                 common.save_lora(models.model, os.path.join(cfg.out_dir, "lora.safetensors"), prefix=PEFT_PREFIX)
     common.cleanup_dist()

@@ -199,3 +199,23 @@ def test_torchrun_two_cpu_processes(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("hello from rank") == 1 and "hello from rank 0" in proc.stdout
     assert "worker 0 alive" in proc.stdout and "worker 1 alive" in proc.stdout
+
+
+def test_lora_training_checkpoint_round_trip_and_nan_refusal(tmp_path):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    common.inject_lora(net, ["0"], rank=2)
+    opt = torch.optim.AdamW(common.lora_parameters(net), lr=1e-2)
+    net(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    path = str(tmp_path / "checkpoint" / "latest.pt")
+    common.save_lora_training(path, net, opt, 5, {"lr": 1e-2})
+    with torch.no_grad():
+        net[0].lora_B.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="non-finite LoRA weights at step 6"):
+        common.save_lora_training(path, net, opt, 6, {"lr": 1e-2})
+    fresh_opt = torch.optim.AdamW(common.lora_parameters(net), lr=1e-2)
+    assert common.resume_lora_training(path, net, fresh_opt) == 5  # the good checkpoint survived
+    assert torch.isfinite(net[0].lora_B).all() and fresh_opt.state_dict()["state"]
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        common.resume_lora_training(str(tmp_path / "none.pt"), net, fresh_opt)
