@@ -7,6 +7,8 @@ common.py: the code that several method files share exactly, tested once in test
                 merge/unmerge, safetensors save/load in PEFT/diffusers naming with strict key checks
     flow        shifted sigma schedules, Euler step, the Flow-GRPO SDE step with its Gaussian log-prob,
                 the KL between two policies' step means, x0 prediction, classifier-free guidance
+    FLUX        2x2 latent packing, RoPE position ids, the velocity call with reference tokens, prompt encoding,
+                VAE encode/decode with the config's shift and scale (umo.py and psr.py)
     tokens      temperature/top-k sampling that returns token log-probs, re-scoring, CFG on logits
     matching    linear_assignment: batched Hungarian matching (C++ on CPU, a CUDA kernel on GPU)
     image io    load (EXIF, RGB), resize/centre-crop to multiples of 16, tensors in [-1, 1], grids
@@ -621,6 +623,81 @@ def sde_window(num_steps: int, window: int, generator: torch.Generator | None = 
         return range(num_steps)
     start = int(torch.randint(0, max(1, num_steps // 2 - window + 1), (1,), generator=generator))
     return range(start, start + window)
+
+
+# -----------------------------------------------------------------------------
+# FLUX latents and calls, shared exactly by umo.py (UNO on FLUX.1-dev) and psr.py (FLUX.1 Kontext)
+# Reference images enter FLUX as extra image tokens after the target's; each method places them in RoPE space with
+# its own offsets (UNO: past the target along rows/columns; Kontext: frame index 1, 2, ...) built from flux_ids.
+
+
+def flux_pack(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (B, h/2 * w/2, 4C): FLUX's 2x2 patch tokens, row-major."""
+    b, c, h, w = latents.shape
+    return latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), 4 * c)
+
+
+def flux_unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(B, h/2 * w/2, 4C) -> (B, C, h, w), the inverse of flux_pack; h, w are latent (not token) sizes."""
+    b, _, d = tokens.shape
+    return tokens.view(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, d // 4, h, w)
+
+
+def flux_ids(h: int, w: int, frame: int = 0, row: int = 0, col: int = 0) -> torch.Tensor:
+    """RoPE position ids (h*w, 3) of an h x w token grid, row-major: (frame, row + i, col + j)."""
+    ids = torch.zeros(h, w, 3)
+    ids[..., 0] = frame
+    ids[..., 1] = torch.arange(h)[:, None] + row
+    ids[..., 2] = torch.arange(w)[None, :] + col
+    return ids.reshape(h * w, 3)
+
+
+def flux_velocity(transformer: nn.Module, x: torch.Tensor, refs: torch.Tensor, text: torch.Tensor,
+                  pooled: torch.Tensor, img_ids: torch.Tensor, sigma: torch.Tensor, guidance: float) -> torch.Tensor:
+    """FLUX velocity (B, L, 4C) in fp32 for target tokens x (B, L, 4C) at sigma (B,).
+
+    refs (B, L_ref, 4C) are clean reference tokens appended after the target (L_ref may be 0); they share the
+    target's timestep, guidance and blocks, and their outputs are cut off. img_ids (L + L_ref, 3) place both.
+    `guidance` feeds FLUX-dev/Kontext's distilled guidance embedding: no CFG batch is needed."""
+    dtype = transformer.dtype
+    b, n = x.shape[:2]
+    out = transformer(hidden_states=torch.cat([x.to(dtype), refs.to(dtype)], dim=1), encoder_hidden_states=text,
+                      pooled_projections=pooled, timestep=sigma.to(dtype), img_ids=img_ids.to(x.device, dtype),
+                      txt_ids=x.new_zeros(text.shape[1], 3, dtype=dtype),
+                      guidance=x.new_full((b,), guidance, dtype=dtype), return_dict=False)[0]
+    return out[:, :n].float()
+
+
+@torch.no_grad()
+def encode_flux_prompts(prompts: list[str], t5: nn.Module, t5_tokenizer, clip: nn.Module, clip_tokenizer,
+                        max_length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> T5 token embeddings (B, max_length, D_t5) and the CLIP pooled vector (B, D_clip), as diffusers'
+    FluxPipeline.encode_prompt (T5 padded to max_length, CLIP to 77). Empty prompts are refused."""
+    empty = [i for i, p in enumerate(prompts) if not p.strip()]
+    if empty:
+        raise ValueError(f"empty prompt at batch position(s) {empty}: every sample needs a text prompt")
+    device = next(t5.parameters()).device
+    ids = t5_tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
+                       return_tensors="pt").input_ids.to(device)
+    text = t5(ids).last_hidden_state
+    ids = clip_tokenizer(prompts, padding="max_length", max_length=77, truncation=True,
+                         return_tensors="pt").input_ids.to(device)
+    pooled = clip(ids).pooler_output
+    return text.to(dtype), pooled.to(dtype)
+
+
+def vae_encode(vae: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] -> normalised latents (B, C, H/f, W/f): the posterior mean (deterministic),
+    shifted and scaled by the VAE's config as FLUX and SD3 pipelines do."""
+    mean = vae.encode(images.to(vae.dtype)).latent_dist.mode()
+    shift = vae.config.shift_factor or 0.0
+    return (mean - shift) * vae.config.scaling_factor
+
+
+def vae_decode(vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
+    """Normalised latents -> images (B, 3, H, W) clamped to [-1, 1]; differentiable."""
+    z = latents.to(vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+    return vae.decode(z).sample.clamp(-1, 1)
 
 
 # -----------------------------------------------------------------------------

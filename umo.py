@@ -222,33 +222,6 @@ def _toy_tokenizer():
                                    unk_token="<unk>")
 
 
-@torch.no_grad()
-def encode_prompts(models: Models, prompts: list[str], device: torch.device):
-    """-> T5 token embeddings (B, L, 4096) and the CLIP pooled vector (B, 768), as FluxPipeline.encode_prompt."""
-    if any(not p.strip() for p in prompts):
-        raise ValueError("empty prompt: every sample needs a text prompt")
-    ids = models.t5_tokenizer(prompts, padding="max_length", max_length=models.max_text_len, truncation=True,
-                              return_tensors="pt").input_ids.to(device)
-    t5 = models.t5(ids).last_hidden_state
-    ids = models.clip_tokenizer(prompts, padding="max_length", max_length=77, truncation=True,
-                                return_tensors="pt").input_ids.to(device)
-    pooled = models.clip(ids).pooler_output
-    dtype = models.transformer.dtype
-    return t5.to(dtype), pooled.to(dtype)
-
-
-def pack(latents: torch.Tensor) -> torch.Tensor:
-    """(B, C, h, w) -> (B, h/2 * w/2, 4C): FLUX's 2x2 patch tokens."""
-    b, c, h, w = latents.shape
-    return latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), 4 * c)
-
-
-def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """(B, h/2 * w/2, 4C) -> (B, C, h, w), the inverse of pack."""
-    b, _, d = tokens.shape
-    return tokens.view(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, d // 4, h, w)
-
-
 def position_ids(grid: tuple[int, int], ref_grids: list[tuple[int, int]], pe: str = "d") -> torch.Tensor:
     """UNO's "universal RoPE" ids (L_target + sum L_ref, 3): (0, row, col) per token, target first.
 
@@ -256,16 +229,9 @@ def position_ids(grid: tuple[int, int], ref_grids: list[tuple[int, int]], pe: st
     'h' rows only, 'w' columns only, 'o' not at all (bytedance/UNO sampling.prepare_multi_ip)."""
     if pe not in ("d", "h", "w", "o"):
         raise ValueError(f"pe must be one of d, h, w, o; got {pe!r}")
-
-    def grid_ids(h, w, dh, dw):
-        ids = torch.zeros(h, w, 3)
-        ids[..., 1] = torch.arange(h)[:, None] + dh
-        ids[..., 2] = torch.arange(w)[None, :] + dw
-        return ids.reshape(h * w, 3)
-
-    out, (shift_h, shift_w) = [grid_ids(*grid, 0, 0)], grid
+    out, (shift_h, shift_w) = [common.flux_ids(*grid)], grid
     for h, w in ref_grids:
-        out.append(grid_ids(h, w, shift_h if pe in "dh" else 0, shift_w if pe in "dw" else 0))
+        out.append(common.flux_ids(h, w, row=shift_h if pe in "dh" else 0, col=shift_w if pe in "dw" else 0))
         shift_h, shift_w = shift_h + h, shift_w + w
     return torch.cat(out)
 
@@ -285,30 +251,9 @@ class Condition:
 
 
 def velocity(models: Models, x: torch.Tensor, sigma: torch.Tensor, cond: Condition, guidance: float) -> torch.Tensor:
-    """FLUX velocity for the target tokens x (B, L, 4C) at sigma (B,); references ride along as extra tokens.
-
-    UNO: references share the target's timestep and guidance modulation, blocks and LoRA; their outputs are
-    dropped. Guidance is FLUX-dev's distilled guidance embedding, so no CFG batch is needed."""
-    tf = models.transformer
-    b, n = x.shape[:2]
-    out = tf(hidden_states=torch.cat([x.to(tf.dtype), cond.refs], dim=1), encoder_hidden_states=cond.text,
-             pooled_projections=cond.pooled, timestep=sigma.to(tf.dtype),
-             img_ids=cond.ids.to(x.device, tf.dtype), txt_ids=x.new_zeros(cond.text.shape[1], 3, dtype=tf.dtype),
-             guidance=x.new_full((b,), guidance, dtype=tf.dtype), return_dict=False)[0]
-    return out[:, :n].float()
-
-
-def vae_encode(models: Models, images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) in [-1, 1] -> normalised latents (B, C, H/f, W/f); the posterior mean (deterministic)."""
-    vae = models.vae
-    mean = vae.encode(images.to(vae.dtype)).latent_dist.mode()
-    return (mean - vae.config.shift_factor) * vae.config.scaling_factor
-
-
-def vae_decode(models: Models, latents: torch.Tensor) -> torch.Tensor:
-    vae = models.vae
-    z = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
-    return vae.decode(z).sample.clamp(-1, 1)
+    """FLUX velocity (B, L, 4C) for the target tokens x at sigma (B,). UNO: the references ride along as extra tokens
+    with the target's timestep, guidance modulation, blocks and LoRA; their outputs are dropped."""
+    return common.flux_velocity(models.transformer, x, cond.refs, cond.text, cond.pooled, cond.ids, sigma, guidance)
 
 
 def latent_grid(models: Models, resolution: int) -> tuple[int, int]:
@@ -325,12 +270,13 @@ def make_condition(models: Models, prompts: list[str], refs: list[list[torch.Ten
                    pe: str) -> Condition:
     """Encodes prompts and reference images; every sample in the batch needs the same reference sizes."""
     device = models.transformer.device
-    text, pooled = encode_prompts(models, prompts, device)
+    text, pooled = common.encode_flux_prompts(prompts, models.t5, models.t5_tokenizer, models.clip,
+                                              models.clip_tokenizer, models.max_text_len, models.transformer.dtype)
     grid = latent_grid(models, resolution)
     ref_tokens, ref_grids = [], []
     for k in range(len(refs[0])):
-        lat = vae_encode(models, torch.stack([r[k] for r in refs]).to(device))  # (B, C, h, w)
-        ref_tokens.append(pack(lat).to(models.transformer.dtype))
+        lat = common.vae_encode(models.vae, torch.stack([r[k] for r in refs]).to(device))  # (B, C, h, w)
+        ref_tokens.append(common.flux_pack(lat).to(models.transformer.dtype))
         ref_grids.append((lat.shape[2] // 2, lat.shape[3] // 2))
     empty = text.new_zeros(len(prompts), 0, 4 * lat_channels(models))
     refs_packed = torch.cat(ref_tokens, dim=1) if ref_tokens else empty
@@ -918,7 +864,7 @@ def sigmas_for(models: Models, cfg: Config, num_steps: int) -> torch.Tensor:
 def initial_noise(models: Models, cfg: Config, n: int, generator: torch.Generator) -> torch.Tensor:
     h, w = latent_grid(models, cfg.resolution)
     noise = torch.randn(n, lat_channels(models), h, w, generator=generator)
-    return pack(noise).to(models.transformer.device)  # (n, L, 4C) float32
+    return common.flux_pack(noise).to(models.transformer.device)  # (n, L, 4C) float32
 
 
 @torch.no_grad()
@@ -945,7 +891,7 @@ def rollout(models: Models, cfg: Config, cond: Condition, generator: torch.Gener
                                                          generator=_device_generator(generator, x.device))
         latents.append(x)
         log_probs.append(log_prob)
-    images = vae_decode(models, unpack(x, *cond.grid))
+    images = common.vae_decode(models.vae, common.flux_unpack(x, *cond.grid))
     return {"latents": torch.stack(latents), "log_probs": torch.stack(log_probs), "sigmas": sigmas, "images": images}
 
 
@@ -961,7 +907,7 @@ def flow_matching_loss(models: Models, cond: Condition, target: torch.Tensor,
                        generator: torch.Generator) -> torch.Tensor:
     """The pretraining loss on the target (UNO train.py): x_s = (1 - s) x0 + s noise, MSE(v, noise - x0), with the
     guidance embedding at 1 as UNO trains."""
-    x0 = pack(vae_encode(models, target)).float()                       # (B, L, 4C)
+    x0 = common.flux_pack(common.vae_encode(models.vae, target)).float()  # (B, L, 4C)
     noise = torch.randn(x0.shape, generator=generator).to(x0.device)
     s = torch.rand(len(x0), generator=generator).to(x0.device)
     x_s = (1 - s[:, None, None]) * x0 + s[:, None, None] * noise
@@ -978,7 +924,7 @@ def rerefl_step(models: Models, cfg: Config, cond: Condition, ref_embs: list[tor
     x = sample_ode(models, cfg, cond, initial_noise(models, cfg, len(cond.text), generator), sigmas, stop=k)
     s = sigmas[k].expand(len(x)).to(x.device)
     x0 = common.x0_from_velocity(x, velocity(models, x, s, cond, cfg.guidance), s[:, None, None])
-    images = vae_decode(models, unpack(x0, *cond.grid))
+    images = common.vae_decode(models.vae, common.flux_unpack(x0, *cond.grid))
     rewards = reward(models, images, ref_embs)
     loss = -rewards.mean()
     metrics = {"reward": rewards.detach(), "grad_step": k}
@@ -1210,7 +1156,7 @@ def generate_image(models: Models, cfg: Config, prompt: str, refs: list[torch.Te
     """UNO sampling: Euler over cfg.num_steps with distilled guidance -> (1, 3, H, W) in [-1, 1]."""
     cond = make_condition(models, [prompt], [refs], cfg.resolution, cfg.pe)
     x = sample_ode(models, cfg, cond, initial_noise(models, cfg, 1, generator), sigmas_for(models, cfg, cfg.num_steps))
-    return vae_decode(models, unpack(x, *cond.grid))
+    return common.vae_decode(models.vae, common.flux_unpack(x, *cond.grid))
 
 
 def generate(cfg: Config, prompt: str, ref_paths: list[str], out_path: str) -> str:

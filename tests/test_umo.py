@@ -167,12 +167,6 @@ def test_position_ids_per_pe(pe, first, second):
         umo.position_ids((2, 2), [], "x")
 
 
-def test_pack_unpack_round_trip():
-    x = torch.randn(2, 4, 6, 8)
-    assert umo.pack(x).shape == (2, 12, 16)
-    assert torch.equal(umo.unpack(umo.pack(x), 6, 8), x)
-
-
 def test_velocity_ignores_reference_outputs_but_uses_references(toy_models):
     cfg, models = toy_models
     rows = umo.toy_dataset(0)
