@@ -1,0 +1,281 @@
+"""unicharacter.py: the BAGEL key layout at tiny dims, strict loading, MoT routing against a per-token reference,
+cached vs uncached generation, CFG renorm, the SFT loss weighting, the reward terms, the first on-policy ratio,
+learning on the toy, resume, torchrun (2 CPU processes, LoRA with gradient averaging and FSDP), the API and CLI.
+
+    python -m pytest -q tests/test_unicharacter.py
+
+The embedded toy (VAE fit + Unified-SFT on the synthetic character) is built once and cached under $NANOGENRL_CACHE
+(default ~/.cache/nanogenrl); the first run of this file pays for it.
+"""
+
+import dataclasses
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import common  # noqa: E402
+import unicharacter as U  # noqa: E402
+
+TINY = U.Arch(hidden=32, intermediate=48, layers=2, heads=4, kv_heads=2, vocab=50, vit_hidden=16,
+              vit_intermediate=24, vit_layers=1, vit_heads=2, vit_patch=4, vit_max_side=5, vae_downsample=2,
+              max_latent_size=6)
+
+
+def run(*args, timeout=900, **env):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "unicharacter.py"), *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT, env={**os.environ, **env})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def toy():
+    """The random (not pre-trained) toy: enough for the math tests."""
+    torch.backends.mkldnn.enabled = False
+    models = U.toy_models(U.character_folder(U.Config()))
+    models.model.eval().requires_grad_(False)
+    return models
+
+
+# -- model: key layout, loading, routing ---------------------------------------------------------------
+
+
+def bagel_layout(a: U.Arch) -> dict:
+    """BAGEL-7B-MoT's ema.safetensors names (ByteDance-Seed/Bagel modeling/bagel/*.py, after the ViT's conv is
+    converted to a Linear and its last layer dropped) with the shapes they take at the sizes of `a`."""
+    hd, h, v = a.hidden // a.heads, a.hidden, a.vit_hidden
+    out = {"language_model.model.embed_tokens.weight": (a.vocab, h), "language_model.lm_head.weight": (a.vocab, h),
+           "language_model.model.norm.weight": (h,), "language_model.model.norm_moe_gen.weight": (h,),
+           "time_embedder.mlp.0.weight": (h, 256), "time_embedder.mlp.0.bias": (h,),
+           "time_embedder.mlp.2.weight": (h, h), "time_embedder.mlp.2.bias": (h,),
+           "vae2llm.weight": (h, 64), "vae2llm.bias": (h,), "llm2vae.weight": (64, h), "llm2vae.bias": (64,),
+           "latent_pos_embed.pos_embed": (a.max_latent_size ** 2, h), "vit_pos_embed.pos_embed": (a.vit_max_side ** 2, h),
+           "connector.fc1.weight": (h, v), "connector.fc1.bias": (h,), "connector.fc2.weight": (h, h),
+           "connector.fc2.bias": (h,),
+           "vit_model.vision_model.embeddings.patch_embedding.weight": (v, 3 * a.vit_patch ** 2),
+           "vit_model.vision_model.embeddings.patch_embedding.bias": (v,),
+           "vit_model.vision_model.embeddings.position_embedding.weight": (a.vit_max_side ** 2, v),
+           "vit_model.vision_model.post_layernorm.weight": (v,), "vit_model.vision_model.post_layernorm.bias": (v,)}
+    for i in range(a.layers):
+        p = f"language_model.model.layers.{i}."
+        for s in ("", "_moe_gen"):
+            out.update({p + f"self_attn.q_proj{s}.weight": (a.heads * hd, h), p + f"self_attn.q_proj{s}.bias": (a.heads * hd,),
+                        p + f"self_attn.k_proj{s}.weight": (a.kv_heads * hd, h), p + f"self_attn.k_proj{s}.bias": (a.kv_heads * hd,),
+                        p + f"self_attn.v_proj{s}.weight": (a.kv_heads * hd, h), p + f"self_attn.v_proj{s}.bias": (a.kv_heads * hd,),
+                        p + f"self_attn.o_proj{s}.weight": (h, a.heads * hd), p + f"self_attn.q_norm{s}.weight": (hd,),
+                        p + f"self_attn.k_norm{s}.weight": (hd,), p + f"input_layernorm{s}.weight": (h,),
+                        p + f"post_attention_layernorm{s}.weight": (h,)})
+            m = "mlp" + s
+            out.update({p + f"{m}.gate_proj.weight": (a.intermediate, h), p + f"{m}.up_proj.weight": (a.intermediate, h),
+                        p + f"{m}.down_proj.weight": (h, a.intermediate)})
+    for i in range(a.vit_layers):
+        p = f"vit_model.vision_model.encoder.layers.{i}."
+        for n in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            out.update({p + f"self_attn.{n}.weight": (v, v), p + f"self_attn.{n}.bias": (v,)})
+        out.update({p + "layer_norm1.weight": (v,), p + "layer_norm1.bias": (v,), p + "layer_norm2.weight": (v,),
+                    p + "layer_norm2.bias": (v,), p + "mlp.fc1.weight": (a.vit_intermediate, v),
+                    p + "mlp.fc1.bias": (a.vit_intermediate,), p + "mlp.fc2.weight": (v, a.vit_intermediate),
+                    p + "mlp.fc2.bias": (v,)})
+    return out
+
+
+def test_key_layout_matches_bagel_names_and_shapes():
+    got = {k: tuple(v.shape) for k, v in U.Bagel(TINY).state_dict().items()}
+    assert got == bagel_layout(TINY)
+
+
+def write_fake_bagel(folder, a: U.Arch, sd: dict):
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    llm = dict(hidden_size=a.hidden, intermediate_size=a.intermediate, num_hidden_layers=a.layers,
+               num_attention_heads=a.heads, num_key_value_heads=a.kv_heads, vocab_size=a.vocab, rms_norm_eps=1e-6,
+               rope_theta=1e6)
+    vit = dict(hidden_size=a.vit_hidden, intermediate_size=a.vit_intermediate, num_hidden_layers=a.vit_layers + 1,
+               num_attention_heads=a.vit_heads, patch_size=a.vit_patch, image_size=a.vit_patch * a.vit_max_side)
+    for name, obj in (("llm_config.json", llm), ("vit_config.json", vit)):
+        with open(os.path.join(folder, name), "w") as f:
+            json.dump(obj, f)
+    save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(folder, "ema.safetensors"))
+
+
+def test_strict_loader_reads_configs_and_names_bad_keys(tmp_path):
+    torch.manual_seed(0)
+    arch = dataclasses.replace(TINY, max_latent_size=64)  # BAGEL-7B-MoT's value, set in code (not in the configs)
+    source = U.Bagel(arch)
+    folder = str(tmp_path / "bagel")
+    write_fake_bagel(folder, arch, source.state_dict())
+    arch = U.read_arch(folder)
+    assert (arch.hidden, arch.layers, arch.kv_heads, arch.vit_layers, arch.vit_max_side) == (32, 2, 2, 1, 5)
+    with torch.device("meta"):
+        model = U.Bagel(arch)
+    U.load_bagel_weights(model, folder, None, torch.float32)
+    for k, v in source.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+    # a generation-expert checkpoint over ema: loads; an unknown or mis-shaped key: named
+    from safetensors.torch import save_file
+    expert = {k: torch.full_like(v, 0.5) for k, v in source.state_dict().items() if "moe_gen" in k}
+    save_file(expert, str(tmp_path / "gen_expert.safetensors"))
+    with torch.device("meta"):
+        model = U.Bagel(arch)
+    U.load_bagel_weights(model, folder, str(tmp_path / "gen_expert.safetensors"), torch.float32)
+    assert torch.equal(model.language_model.model.layers[1].mlp_moe_gen.up_proj.weight,
+                       torch.full((48, 32), 0.5))
+    assert torch.equal(model.language_model.model.layers[1].mlp.up_proj.weight,
+                       source.language_model.model.layers[1].mlp.up_proj.weight)
+    bad = dict(source.state_dict())
+    bad.pop("language_model.model.layers.1.self_attn.q_norm_moe_gen.weight")
+    bad["vit_model.vision_model.head.probe"] = torch.zeros(1, 1, 16)
+    bad["llm2vae.weight"] = torch.zeros(64, 31)
+    write_fake_bagel(folder, arch, bad)
+    with torch.device("meta"):
+        model = U.Bagel(arch)
+    with pytest.raises(ValueError) as e:
+        U.load_bagel_weights(model, folder, None, torch.float32)
+    for part in ("q_norm_moe_gen", "missing (1)", "head.probe", "unexpected (1)", "llm2vae.weight: file (64, 31)"):
+        assert part in str(e.value)
+
+
+def test_real_path_names_missing_files(tmp_path):
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    with pytest.raises(FileNotFoundError, match="ema.safetensors"):
+        U.load_bagel(str(folder), None, torch.float32)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        U.load_bagel(str(tmp_path / "nowhere"), None, torch.float32)
+
+
+def naive_layer(layer, x, gen, mask, pos, theta):
+    """A MoT decoder layer computed per token: both experts on every token, each token keeping its own expert's
+    result (torch.where), attention written out with explicit KV-head repetition and softmax."""
+    a_, b_ = gen
+    is_gen = torch.zeros(x.shape[1], dtype=torch.bool)
+    is_gen[a_:b_] = True
+    pick = lambda und, gen_: torch.where(is_gen[None, :, None], gen_, und)
+    at = layer.self_attn
+    h = pick(layer.input_layernorm(x), layer.input_layernorm_moe_gen(x))
+    qkv = pick(at.qkv(h, ""), at.qkv(h, "_moe_gen"))
+    hd = at.head_dim
+    q, k, v = qkv.split([at.heads * hd, at.kv_heads * hd, at.kv_heads * hd], -1)
+    b, n = x.shape[:2]
+    q, k, v = (t.view(b, n, -1, hd).transpose(1, 2) for t in (q, k, v))
+    cos, sin = U.rope(pos, hd, theta, x.dtype)
+    q, k = U.rotate(q, cos, sin), U.rotate(k, cos, sin)
+    rep = at.heads // at.kv_heads
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    scores = (q @ k.transpose(-1, -2)) / hd ** 0.5
+    scores = scores.masked_fill(~mask, float("-inf"))
+    out = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, n, -1)
+    x = x + pick(at.o_proj(out), at.o_proj_moe_gen(out))
+    return x + pick(layer.mlp(layer.post_attention_layernorm(x)),
+                    layer.mlp_moe_gen(layer.post_attention_layernorm_moe_gen(x)))
+
+
+def test_mot_routes_each_token_to_its_expert():
+    torch.manual_seed(0)
+    model = U.Bagel(TINY).eval()
+    layer = model.language_model.model.layers[0]
+    for p in layer.parameters():  # random norms too, so a wrong expert's norm would show
+        p.data.normal_(std=0.3)
+    x, pos = torch.randn(2, 9, 32), torch.arange(9).repeat(2, 1)
+    valid = torch.ones(2, 9, dtype=torch.bool)
+    group = torch.tensor([-1] * 4 + [0] * 5).repeat(2, 1)
+    mask = U.attention_mask(valid, group)
+    seen = {}
+    def record(name):
+        def hook(module, inputs, output):
+            seen[name] = inputs[0].shape[1]  # tokens this module saw
+        return hook
+    hooks = [m.register_forward_hook(record(name)) for name, m in layer.named_modules() if name.endswith(("q_proj", "q_proj_moe_gen", "mlp", "mlp_moe_gen"))]
+    with torch.no_grad():
+        out, _ = layer(x, *U.rope(pos, 8, 1e6, x.dtype), (5, 8), None, mask)
+    for h in hooks:
+        h.remove()
+    with torch.no_grad():
+        ref = naive_layer(layer, x, (5, 8), mask, pos, 1e6)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert seen == {"self_attn.q_proj": 6, "self_attn.q_proj_moe_gen": 3, "mlp": 6, "mlp_moe_gen": 3}
+    # understanding-only sequences never touch the generation expert
+    with torch.no_grad():
+        und, _ = model.language_model.model(x, pos, mask)
+        for n, p in model.named_parameters():
+            if "moe_gen" in n:
+                p.add_(1.0)
+        assert torch.equal(und, model.language_model.model(x, pos, mask)[0])
+
+
+def test_patchify_is_bagels_channel_last_order_and_inverts():
+    z = torch.randn(2, 16, 6, 4)
+    tokens = U.patchify(z, 2)
+    assert tokens.shape == (2, 6, 64)
+    # token (row 1, col 0) holds z[:, :, 2:4, 0:2] laid out as (p, q, c): channels fastest
+    torch.testing.assert_close(tokens[0, 2].view(2, 2, 16), z[0, :, 2:4, 0:2].permute(1, 2, 0))
+    assert torch.equal(U.unpatchify(tokens, 3, 2, 2), z)
+
+
+# -- generation ----------------------------------------------------------------------------------------
+
+
+def test_cached_and_uncached_generation_give_the_same_latents(toy):
+    prompts = ["Bo on a blue background on the left", "Bo on a grey background"]
+    cfg = U.resolve_config(U.Config())
+    noise = torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(0))
+    out = []
+    for cached in (True, False):
+        prefix = U.encode_prefix(toy, prompts, cached=cached)
+        out.append(U.sample_latents(toy, prefix, noise, (4, 4), cfg, 8, (0.0, 1.0), range(1, 4),
+                                    torch.Generator().manual_seed(1)))
+    (a, b) = out
+    assert a.x_t.shape == (2, 3, 16, 64) and a.logp.shape == (2, 3)
+    torch.testing.assert_close(a.latents, b.latents, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a.logp, b.logp, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(a.latents, noise)
+
+
+def test_cfg_with_global_renorm_and_interval(toy):
+    prefix = U.encode_prefix(toy, ["Bo on a green background on the right"] * 2)
+    pair = prefix.cfg_pair()
+    x = torch.randn(2, 16, 64)
+    with torch.no_grad():
+        v_c = U.latent_forward(toy, prefix, x, torch.full((2,), 0.6), (4, 4)).float()
+        empty = U.Prefix(prefix.emb, prefix.pos, torch.zeros_like(prefix.valid), prefix.next_pos, prefix.cache)
+        v_u = U.latent_forward(toy, empty, x, torch.full((2,), 0.6), (4, 4)).float()
+        v = U.guided_velocity(toy, pair, x, 0.6, (4, 4), 4.0, 0.0)
+        raw = v_u + 4.0 * (v_c - v_u)
+        scale = (v_c[0].norm() / raw[0].norm()).clamp(0.0, 1.0)  # per sample, over all its tokens
+        torch.testing.assert_close(v[0], raw[0] * scale, atol=1e-5, rtol=1e-5)
+        assert torch.all(v.flatten(1).norm(dim=1) <= v_c.flatten(1).norm(dim=1) + 1e-4)
+        torch.testing.assert_close(U.guided_velocity(toy, pair, x, 0.6, (4, 4), 1.0, 0.0), v_c)
+    ts = U.bagel_timesteps(15, 3.0)
+    assert len(ts) == 15 and ts[0] == 1.0 and ts[-1] == 0.0
+    assert abs(ts[7] - 3 * 0.5 / (1 + 2 * 0.5)) < 1e-12
+
+
+def test_text_generation_matches_an_uncached_greedy_loop(toy):
+    texts = U.generate_text(toy, [None, None], ["Hi", "What color is Bo?"], 6)
+    model, lm = toy.model, toy.model.language_model
+    for prompt, text in zip(["Hi", "What color is Bo?"], texts):
+        ids = toy.text_ids(prompt) + [toy.ids["bos"]]
+        out = []
+        for _ in range(6):  # re-run the whole sequence for every token
+            n = len(ids)
+            pos = torch.arange(n)[None]
+            mask = U.attention_mask(torch.ones(1, n, dtype=torch.bool), torch.full((1, n), -1))
+            token = int(lm.lm_head(lm.model(model.embed(torch.tensor([ids])), pos, mask)[0][0, -1]).argmax())
+            if token == toy.ids["eos"]:
+                break
+            out.append(token)
+            ids.append(token)
+        assert text == toy.tokenizer.decode(out, skip_special_tokens=True).strip()
