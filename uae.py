@@ -1599,15 +1599,21 @@ def generate(models: Models, cfg: Config, prompt: str, generator: torch.Generato
     """One image (3, H, W) in [-1, 1] for a prompt: eval_steps Euler steps, CFG against the negative prompt."""
     if not prompt.strip():
         raise ValueError("the prompt is empty")
-    cond, pooled = condition(models, [prompt])
+    return draw(models, cfg, prompt, generator)
+
+
+@torch.no_grad()
+def draw(models: Models, cfg: Config, text: str, generator: torch.Generator) -> torch.Tensor:
+    cond, pooled = condition(models, [text])
     noise = initial_noise(models, 1, cfg.eval_resolution, generator)
     return sample_images(models, cond, pooled, noise, cfg.eval_steps, cfg.guidance)[0]
 
 
 def reconstruct(models: Models, cfg: Config, image, generator: torch.Generator) -> tuple[str, torch.Tensor]:
-    """I2T2I: caption the image as text, then redraw it from the text alone (the demo's --input_img path)."""
+    """I2T2I: caption the image as text, then redraw it from the text alone (the demo's --input_img path). An empty
+    caption is redrawn from the empty "generate" prompt, as in training."""
     text = caption(models, cfg, image, generator)
-    return text, generate(models, cfg, text, generator)
+    return text, draw(models, cfg, text, generator)
 
 
 # -----------------------------------------------------------------------------
