@@ -125,14 +125,15 @@ def bench_umo(device: torch.device, repeats: int = 5, size: str = "tiny", group:
             torch.nn.init.normal_(p, std=0.02)
         latent = resolution // 8
     else:
-        cfg = umo.Config(**umo.TOY)
+        cfg = umo.Config(**umo.TOY_SETTINGS)
         tf = umo.load_models(cfg, device, dtype).transformer
         resolution, text_tokens, latent = cfg.resolution, 16, cfg.resolution // 2
     tf.requires_grad_(False)
     models = umo.Models(tf, *[None] * 7, max_text_len=text_tokens)
     grid = (latent, latent)
     tokens = (latent // 2) ** 2
-    cond = umo.Condition(text=torch.randn(group, text_tokens, tf.config.joint_attention_dim, device=device, dtype=dtype),
+    text = torch.randn(group, text_tokens, tf.config.joint_attention_dim, device=device, dtype=dtype)
+    cond = umo.Condition(text=text,
                          pooled=torch.randn(group, tf.config.pooled_projection_dim, device=device, dtype=dtype),
                          refs=torch.zeros(group, 0, tf.config.in_channels, device=device, dtype=dtype),
                          ids=umo.position_ids((latent // 2, latent // 2), []), grid=grid)
