@@ -49,6 +49,7 @@ Requires common.py next to it.
 import argparse
 import ast
 import dataclasses
+import functools
 import hashlib
 import inspect
 import json
@@ -85,6 +86,7 @@ class Config:
     train_prompts: int = 0  # a fixed pool of this many training prompts (0 = fresh prompts every step)
     prompts_per_rank: int = 1  # prompts per step and rank, each with group_size images (paper: group = per-GPU batch)
     eval_prompts: str | None = None  # GenEval evaluation_metadata.jsonl for --evaluate; none = generated prompts
+    holdout_prompts: str | None = None  # prompts training never draws (paper: GenEval's 553); default --eval-prompts
     eval_num_prompts: int = 60  # generated evaluation prompts when no file is given (held out by seed from training)
     eval_images_per_prompt: int = 4  # GenEval README: 4 images per prompt
     # ---- rollout
@@ -958,8 +960,10 @@ def sft_step(models: Models, optimizer, cfg: Config, batch: Rollout) -> dict:
 
 def step_prompts(cfg: Config, step: int, rank: int) -> list[dict]:
     """This rank's prompts for a step, categories in turn: prompt index = (step, rank, i), so ranks draw different
-    prompts (with a pool: different slots of it) and a resumed run draws the same ones."""
+    prompts (with a pool: different slots of it) and a resumed run draws the same ones. A held-out prompt (the
+    test set) is redrawn from the same stream, so training never sees it."""
     classes, colors = (TOY_CLASSES, TOY_COLORS) if cfg.model_dir is None else (COCO_CLASSES, GENEVAL_COLORS)
+    held_out = held_out_prompts(cfg.holdout_prompts or cfg.eval_prompts)
     world = dist.get_world_size() if dist.is_initialized() else 1
     metas = []
     for i in range(cfg.prompts_per_rank):
@@ -967,8 +971,24 @@ def step_prompts(cfg: Config, step: int, rank: int) -> list[dict]:
         if cfg.train_prompts:  # a fixed pool, visited in order: each prompt comes back every pool/batch steps
             index %= cfg.train_prompts
         rng = random.Random(f"{cfg.seed}-{index}")
-        metas.append(make_prompt(rng, cfg.categories[index % len(cfg.categories)], classes, colors))
+        tag = cfg.categories[index % len(cfg.categories)]
+        meta = make_prompt(rng, tag, classes, colors)
+        for _ in range(1000):
+            if meta["prompt"] not in held_out:
+                break
+            meta = make_prompt(rng, tag, classes, colors)
+        else:
+            raise ValueError(f"every {tag} prompt drawn is held out by {cfg.holdout_prompts or cfg.eval_prompts}")
+        metas.append(meta)
     return metas
+
+
+@functools.lru_cache(maxsize=4)
+def held_out_prompts(path: str | None) -> frozenset[str]:
+    """The prompt texts of a GenEval-format JSONL (evaluation_metadata.jsonl: 553 lines), compared verbatim."""
+    if path is None:
+        return frozenset()
+    return frozenset(row["prompt"] for row in common.read_jsonl(path, required=("prompt",)))
 
 
 def train(cfg: Config) -> None:
@@ -996,6 +1016,9 @@ def train(cfg: Config) -> None:
         os.makedirs(os.path.join(cfg.out_dir, "samples"), exist_ok=True)
         common.save_json(os.path.join(cfg.out_dir, "config.json"), dataclasses.asdict(cfg))
         common.print0(json.dumps(dataclasses.asdict(cfg)))
+    held_out = held_out_prompts(cfg.holdout_prompts or cfg.eval_prompts)
+    if held_out:
+        common.print0(f"{len(held_out)} prompts held out of training: {cfg.holdout_prompts or cfg.eval_prompts}")
     log = common.MetricLog(cfg.out_dir, cfg.max_steps, start, enabled=d.is_main)
     skipped_groups = 0
     for step in range(start, cfg.max_steps):

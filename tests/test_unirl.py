@@ -355,3 +355,16 @@ def test_generate_and_ask_on_the_embedded_default(tmp_path):
     assert answer.strip()
     with pytest.raises(AssertionError, match="image not found"):
         run("--ask", os.path.join(out, "missing.png"), "What?", *WIRING[:4])
+
+
+def test_held_out_prompts_are_never_drawn_for_training(tmp_path):
+    cfg = unirl.resolve_config(unirl.Config())
+    plain = [m for step in range(30) for m in unirl.step_prompts(cfg, step, 0)]
+    held = sorted({m["prompt"] for m in plain})[::2]  # half of the distinct prompts become the "test set"
+    path = tmp_path / "evaluation_metadata.jsonl"
+    path.write_text("".join(json.dumps({"tag": "x", "include": [], "prompt": p}) + "\n" for p in held))
+    kept = [m for step in range(30) for m in unirl.step_prompts(dataclasses.replace(cfg, eval_prompts=str(path)),
+                                                                step, 0)]
+    assert len(kept) == len(plain) and not {m["prompt"] for m in kept} & set(held)
+    assert [m["tag"] for m in kept] == [m["tag"] for m in plain]  # categories still in turn
+    assert all(a == b for a, b in zip(plain, kept) if a["prompt"] not in held)  # the rest is untouched
