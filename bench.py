@@ -12,6 +12,9 @@ Sections:
                 denoising step (no grad) and a LoRA update step (forward + backward, gradient checkpointing) for a
                 group, seconds, peak memory and model FLOP utilisation. --size flux-12b is the real architecture
                 (needs a large GPU); --size tiny is the embedded default's model (any device).
+    unirl       Janus-Pro through unirl.sample_image_tokens (the rollout: KV-cached CFG decoding of 576 image tokens
+                for a group of 8, i.e. 16 rows) and the GRPO update's re-scoring forward + backward: seconds, ms per
+                token step, images/s, MFU, peak memory. --size janus-1b / janus-7b (random weights, GPU) or tiny.
 
 Prints the environment, a table, then one JSON line (the last line of stdout) that scripts can parse.
 Requires common.py next to it.
@@ -173,9 +176,89 @@ def bench_umo(device: torch.device, repeats: int = 5, size: str = "tiny", group:
 
 
 # -----------------------------------------------------------------------------
+# unirl: Janus-Pro image-token decoding and the GRPO re-scoring update
+
+JANUS_SIZES = {  # the language models of the released Janus-Pro checkpoints (Llama architecture, 102,400 text tokens)
+    "janus-1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=24, num_attention_heads=16),
+    "janus-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=30, num_attention_heads=32)}
+
+
+def janus_flops(lm_config, batch: int, context: int, new_tokens: int) -> float:
+    """Forward FLOPs of `new_tokens` tokens per row after `context` cached ones: 2 x weights per token (the
+    language model's linear layers and the 16,384-way generation head) + 4 x d per attended pair per layer."""
+    d, f, n = lm_config.hidden_size, lm_config.intermediate_size, lm_config.num_hidden_layers
+    per_token = n * (4 * d * d + 3 * d * f) + d * d + d * 16384  # attention + MLP, gen head (d -> d -> codebook)
+    pairs = new_tokens * context + new_tokens * (new_tokens + 1) / 2
+    return batch * (2 * per_token * new_tokens + 4 * d * n * pairs)
+
+
+def _janus_of_size(size: str, device: torch.device, dtype: torch.dtype):
+    import unirl
+    from transformers import JanusConfig, JanusForConditionalGeneration, LlamaConfig
+
+    model, processor = unirl.toy_model()  # the toy's processor: prompts only need a tokenizer and the chat template
+    if size == "tiny":
+        return unirl.toy_models(model.to(device, dtype).eval().requires_grad_(False), processor)
+    text = LlamaConfig(vocab_size=102400, max_position_embeddings=16384, **JANUS_SIZES[size])
+    config = JanusConfig(text_config=text, vq_config={"projection_dim": text.hidden_size,
+                                                      "image_token_embed_dim": text.hidden_size})
+    with torch.device("meta"):
+        model = JanusForConditionalGeneration(config)
+    model = model.to_empty(device=device).to(dtype).eval().requires_grad_(False)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    models = unirl.toy_models(model, processor)
+    models.num_image_tokens = 576  # 24 x 24 tokens at 384 px
+    return models
+
+
+def bench_unirl(device: torch.device, repeats: int = 3, size: str = "tiny", group: int = 8) -> list[dict]:
+    """A group of `group` images with CFG (2 x group rows) through unirl.sample_image_tokens (the rollout) and the
+    GRPO update's re-scoring forward + backward (LoRA on the attention and MLP projections, gradient checkpointing)."""
+    import unirl
+
+    dtype = common.pick_dtype(device)[0]
+    models = _janus_of_size(size, device, dtype)
+    lm = models.model.model.language_model
+    prompts = ["a photo of a red cup and a blue dog"] * group
+    t = models.num_image_tokens
+    context = unirl.generation_inputs(models, prompts)[0].shape[1]
+    rows = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    generator = torch.Generator(device).manual_seed(0)
+    s = median_ms(lambda: unirl.sample_image_tokens(models, prompts, 5.0, 1.0, generator), device, repeats, 1) / 1e3
+    flops = janus_flops(lm.config, 2 * group, context, t)
+    rows.append({"section": "unirl", "size": size, "what": f"rollout: {t} image tokens, group {group} + CFG",
+                 "s": round(s, 4), "ms_per_token": round(1e3 * s / t, 2), "images_per_s": round(group / s, 3),
+                 "mfu": round(flops / s / PEAK_BF16_FLOPS, 4), "peak_gb": round(common.peak_memory_gb(device), 1)})
+
+    common.inject_lora(models.model, ["*language_model*_proj"], rank=32, alpha=64.0, dtype=dtype)
+    models.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    params = common.lora_parameters(models.model)
+    tokens = torch.randint(0, 16384 if size != "tiny" else unirl.TOY_CODES, (group, t), device=device)
+
+    def update():
+        logp = unirl.score_image_tokens(models, prompts, tokens, 5.0, 1.0)
+        logp.mean().backward()
+        for p in params:
+            p.grad = None
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    s = median_ms(update, device, repeats, 1) / 1e3
+    flops = janus_flops(lm.config, 2 * group, 0, context + t)
+    rows.append({"section": "unirl", "size": size, "what": f"GRPO update: re-score {t} tokens, LoRA r32, grad ckpt",
+                 "s": round(s, 4), "ms_per_token": None, "images_per_s": None,
+                 "mfu": round(3 * flops / s / PEAK_BF16_FLOPS, 4), "peak_gb": round(common.peak_memory_gb(device), 1)})
+    return rows
+
+
+# -----------------------------------------------------------------------------
 # CLI
 
-SECTIONS = {"matching": bench_matching, "umo": bench_umo}
+SECTIONS = {"matching": bench_matching, "umo": bench_umo, "unirl": bench_unirl}
+SIZES = {"umo": ("tiny", "flux-12b"), "unirl": ("tiny", *JANUS_SIZES)}  # --size values each method section knows
 
 
 def cpu_name() -> str:
@@ -201,8 +284,10 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--repeats", type=int, default=20, help="timed calls per row after warm-up (default: 20)")
-    parser.add_argument("--size", choices=["tiny", "flux-12b"], default="tiny",
-                        help="model size for the method sections: tiny (embedded default) or the real architecture")
+    parser.add_argument("--size", default="tiny",
+                        help="model size for the method sections: tiny (embedded default, any device) or a real "
+                             "architecture with random weights: " + ", ".join(
+                                 f"{k}: {'/'.join(v[1:])}" for k, v in SIZES.items()))
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -210,7 +295,14 @@ def main() -> None:
     env = environment(device)
     print(" | ".join(f"{k} {v}" for k, v in env.items()))
     results = []
-    for section in args.section or sorted(SECTIONS):
+    sections = args.section or sorted(SECTIONS)
+    known = [s for s in sections if s == "matching" or args.size in SIZES.get(s, ())]
+    if not known:
+        parser.error(f"--size {args.size} is not a size of section(s) {', '.join(sections)}: see --help")
+    for section in sections:
+        if section not in known:
+            print(f"\n{section}: skipped (no size {args.size!r}; it has {', '.join(SIZES[section])})")
+            continue
         kwargs = {"size": args.size} if section != "matching" else {}
         rows = SECTIONS[section](device, repeats=args.repeats, **kwargs)
         keys = list(rows[0])

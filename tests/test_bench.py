@@ -29,3 +29,23 @@ def test_sections_run_on_cpu():
     assert {r["method"] for r in rows} == {"scipy loop", "ours (cpu-kernel)"} and all(r["ms"] > 0 for r in rows)
     rows = bench.bench_umo(torch.device("cpu"), repeats=1, group=2)
     assert [r["section"] for r in rows] == ["umo", "umo"] and all(r["s"] > 0 for r in rows)
+
+
+def test_janus_flops_count_every_linear_weight_of_the_decoding_path():
+    from transformers import JanusConfig, JanusForConditionalGeneration, LlamaConfig
+
+    text = LlamaConfig(vocab_size=102400, **bench.JANUS_SIZES["janus-7b"])
+    with torch.device("meta"):
+        model = JanusForConditionalGeneration(JanusConfig(text_config=text, vq_config={
+            "projection_dim": 4096, "image_token_embed_dim": 4096}))
+    layers = model.model.language_model.layers
+    weights = sum(m.weight.numel() for part in (layers, model.model.generation_head)
+                  for m in part.modules() if isinstance(m, torch.nn.Linear))
+    assert abs(sum(p.numel() for p in model.parameters()) / 1e9 - 6.97) < 0.01  # reference/performance.md
+    one_token = 2 * weights + 4 * 4096 * 30  # one new token attending to itself in 30 layers
+    assert abs(bench.janus_flops(text, 1, 0, 1) - one_token) < 1e-6 * one_token
+
+
+def test_unirl_section_runs_on_cpu():
+    rows = bench.bench_unirl(torch.device("cpu"), repeats=1, group=2)
+    assert [r["section"] for r in rows] == ["unirl", "unirl"] and all(r["s"] > 0 for r in rows)
