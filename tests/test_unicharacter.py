@@ -28,9 +28,12 @@ TINY = U.Arch(hidden=32, intermediate=48, layers=2, heads=4, kv_heads=2, vocab=5
               max_latent_size=6)
 
 
-def run(*args, timeout=900, **env):
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: one thread per process is faster on shared cores
+
+
+def run(*args, timeout=900):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "unicharacter.py"), *args], capture_output=True,
-                          text=True, timeout=timeout, cwd=ROOT, env={**os.environ, **env})
+                          text=True, timeout=timeout, cwd=ROOT, env=ENV)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 
@@ -38,6 +41,16 @@ def run(*args, timeout=900, **env):
 def metrics(out_dir):
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """In-process runs of the tiny models use one thread (restored after this file)."""
+    threads, mkldnn = torch.get_num_threads(), torch.backends.mkldnn.enabled
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    torch.backends.mkldnn.enabled = mkldnn
 
 
 @pytest.fixture(scope="module")
@@ -279,3 +292,213 @@ def test_text_generation_matches_an_uncached_greedy_loop(toy):
             out.append(token)
             ids.append(token)
         assert text == toy.tokenizer.decode(out, skip_special_tokens=True).strip()
+
+
+# -- Unified-SFT -------------------------------------------------------------------------------------------
+
+
+def test_sft_loss_weights_ce_and_mse_and_needs_both_kinds(toy):
+    data = U.load_character(toy, U.character_folder(U.Config()), 16)
+    t2i, text = data.t2i[:3], data.text[:2] + data.text[-2:]  # role-play rows and VQA rows with images
+    assert text[-1][0] is not None and text[0][0] is None
+    parts = []
+    for ce_w, mse_w in ((0.25, 1.0), (1.0, 0.5)):
+        cfg = U.Config(ce_weight=ce_w, mse_weight=mse_w)
+        with torch.no_grad():
+            out = U.sft_loss(toy, cfg, t2i, text, data.latent_grid, torch.Generator().manual_seed(3))
+        torch.testing.assert_close(out["loss"], ce_w * out["ce"] + mse_w * out["mse"])
+        parts.append(out)
+    assert torch.equal(parts[0]["ce"], parts[1]["ce"]) and torch.equal(parts[0]["mse"], parts[1]["mse"])
+    # CE = mean over the reply tokens (and <|im_end|>) only, checked row by row without padding
+    with torch.no_grad():
+        nll, count = 0.0, 0
+        for pix, prompt, reply in text:
+            segs = [] if pix is None else [("image", toy.model.vit_embeds(pix[None])[0])]
+            segs += [("text", toy.text_ids(prompt), False), ("text", toy.text_ids(reply), True)]
+            emb, pos, mask, ids, _, _, _ = U.pack(toy, [segs])
+            logits = toy.model.language_model.lm_head(toy.model.language_model.model(emb, pos, mask)[0])[0]
+            reply_ids = toy.text_ids(reply)[1:]  # predicted: the reply and its <|im_end|>
+            n = len(reply_ids)
+            nll += torch.nn.functional.cross_entropy(logits[-n - 1:-1], torch.tensor(reply_ids), reduction="sum")
+            count += n
+        torch.testing.assert_close(parts[0]["ce"], nll / count, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="both kinds"):
+        U.sft_loss(toy, U.Config(), t2i, [], data.latent_grid)
+
+
+def test_sft_stage_runs_and_its_weights_load_with_checkpoint(tmp_path):
+    out = str(tmp_path / "sft")
+    U.main(["--train", "--stage", "sft", "--out-dir", out, "--max-steps", "3"])
+    rows = metrics(out)
+    assert len(rows) == 3 and all(r["ce"] > 0 and r["mse"] > 0 for r in rows)
+    U.main(["--generate", "Bo on a blue background on the left", "--checkpoint", os.path.join(out, "model.safetensors"),
+            "--group-size", "2", "--eval-num-timesteps", "4", "--out-dir", out])
+    assert sorted(os.listdir(os.path.join(out, "generate"))) == ["00.png", "01.png"]
+
+
+# -- reward and advantages ---------------------------------------------------------------------------
+
+
+def test_reward_terms_on_hand_made_values():
+    qs = [dict(question="a", answer="yes", weight=1.0), dict(question="b", answer="Shiba Inu", weight=0.6),
+          dict(question="c", answer="no", weight=0.6, is_negative=True)]
+    assert U.vqa_score(["Yes", "shiba inu", "yes"], qs, "p") == pytest.approx(1.6 / 2.2)  # strict, lower-cased
+    assert U.vqa_score(["yes, it shows Bo"], [], "p") == 1.0
+    assert U.vqa_score(["no"], [], "p") == 0.0 and U.vqa_score(["maybe"], [], "p") == 0.5
+    sim = torch.tensor([0.95, 0.9, 0.7, 0.5, 0.3])
+    torch.testing.assert_close(U.dino_penalty(sim, 0.9, 0.5), torch.tensor([-0.1, 0.0, 0.0, 0.0, -0.4]))
+    feats = torch.nn.functional.normalize(torch.randn(6, 5), dim=-1)
+    div = U.leave_one_out_diversity(feats, 3)
+    for i in range(6):
+        g = i // 3 * 3
+        others = [j for j in range(g, g + 3) if j != i]
+        torch.testing.assert_close(div[i], sum(1 - feats[i] @ feats[j] for j in others) / 2)
+    r = torch.tensor([1.0, 0.0, 0.5, 0.5, 0.2, 0.2, 0.2, 0.2])
+    adv = U.group_advantages(r, 4)
+    torch.testing.assert_close(adv[:4], (r[:4] - r[:4].mean()) / (r[:4].std(unbiased=False) + 1e-4))
+    assert torch.equal(adv[4:], torch.zeros(4))
+
+
+def test_toy_stand_ins_read_the_pictures():
+    rng = random.Random(0)
+    img = U.toy_picture("green", "right", rng)
+    assert U.toy_vqa(img, "Is the background green?") == "yes"
+    assert U.toy_vqa(img, "Is the background blue?") == "no"
+    assert U.toy_vqa(img, "Is Bo on the right?") == "yes" and U.toy_vqa(img, "Is Bo on the left?") == "no"
+    assert U.toy_clip(img, U.toy_prompt("green", "right")) > 0.9 > U.toy_clip(img, U.toy_prompt("blue", "left"))
+    same = U.toy_features(U.toy_picture("green", "right", rng)) @ U.toy_features(img)
+    other = U.toy_features(U.toy_picture("purple", "left", rng)) @ U.toy_features(img)
+    assert same > 0.9 > other
+
+
+def test_bad_configs_and_character_folders_are_named(tmp_path):
+    d = common.Dist(0, 0, 1, torch.device("cpu"))
+    with pytest.raises(ValueError, match="w-dino must be > 0"):
+        U.check_config(U.Config(w_dino=-0.1), d)
+    with pytest.raises(ValueError, match="needs --lora-rank"):
+        U.check_config(U.Config(beta=0.04), d)
+    with pytest.raises(ValueError, match="torchrun"):
+        U.check_config(U.Config(fsdp=True), d)
+    with pytest.raises(FileNotFoundError, match="persona.json"):
+        U.read_persona(str(tmp_path))
+    (tmp_path / "persona.json").write_text(json.dumps({"name": "X", "description": "d", "images": {}}))
+    with pytest.raises(ValueError, match=r"missing field\(s\) \['opening'\]"):
+        U.read_persona(str(tmp_path))
+
+
+# -- Character-GRPO ---------------------------------------------------------------------------------------
+
+
+def test_first_on_policy_ratio_is_exactly_one(toy):
+    cfg = U.resolve_config(U.Config(group_size=4, num_minibatches=2, num_timesteps=8))
+    data = U.load_character(toy, U.character_folder(cfg), 16)
+    scorer = U.Scorer(cfg, torch.device("cpu"), toy=True)
+    params = [p for n, p in toy.model.language_model.named_parameters() if "moe_gen" in n]
+    saved = {k: v.clone() for k, v in toy.model.state_dict().items()}
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        batch = U.rollout(toy, scorer, cfg, data.prompts[:2], scorer.features(data.references),
+                          torch.Generator().manual_seed(0))
+        assert batch.traj.x_t.shape == (8, 3, 16, 64) and len(batch.images) == 8
+        before = [p.detach().clone() for p in params]
+        opt = torch.optim.AdamW(params, lr=1e-3)
+        stats = U.grpo_step(toy, opt, params, cfg, batch, torch.randn(8))
+        assert stats["ratio0"] == 1.0 and stats["skipped_updates"] == 0
+        assert stats["logp_gap"] < 1e-4  # sampler (whole batch) vs re-scoring (minibatches): last bits only
+        assert stats["grad_norm"] > 0 and any(not torch.equal(a, p) for a, p in zip(before, params))
+        for n, p in toy.model.named_parameters():  # everything outside the generation expert is untouched
+            assert ("moe_gen" in n) or torch.equal(p, saved[n]), n
+    finally:
+        toy.model.requires_grad_(False)
+        toy.model.load_state_dict(saved)
+
+
+def test_learning_on_the_toy(tmp_path):
+    """The default toy run (8 prompts x 8 images, 60 steps): the character reward rises, and so do its parts that
+    read the pictures (VQA answers, CLIP-T stand-in)."""
+    out = str(tmp_path / "run")
+    run("--train", "--out-dir", out, "--sample-every", "1000")
+    rows = metrics(out)
+    mean = lambda key, part: sum(r[key] for r in part) / len(part)
+    assert mean("reward", rows[-10:]) > mean("reward", rows[:10]) + 0.04, [r["reward"] for r in rows]
+    assert mean("r_vqa", rows[-10:]) > mean("r_vqa", rows[:10]) + 0.05
+    assert all(r["ratio0"] == 1.0 for r in rows) and all(r["groups_skipped"] == 0 for r in rows)
+    assert os.path.exists(os.path.join(out, "gen_expert.safetensors"))
+
+
+def test_resume_reproduces_an_uninterrupted_run(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    small = ("--prompts-per-rank", "2", "--group-size", "4", "--num-timesteps", "8", "--save-every", "2")
+    U.main(["--train", "--out-dir", a, "--max-steps", "2", *small])
+    U.main(["--train", "--out-dir", a, "--max-steps", "4", "--resume", *small])
+    U.main(["--train", "--out-dir", b, "--max-steps", "4", *small])
+    ra, rb = metrics(a), metrics(b)
+    assert [r["step"] for r in ra] == [1, 2, 3, 4]
+    assert [r["reward"] for r in ra] == [r["reward"] for r in rb]
+    assert [r["loss"] for r in ra] == [r["loss"] for r in rb]
+
+
+def torchrun(out, *args):
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           os.path.join(ROOT, "unicharacter.py"), "--train", "--out-dir", out, "--max-steps", "2",
+                           "--device", "cpu", "--prompts-per-rank", "2", "--group-size", "4", "--num-timesteps", "8",
+                           *args], capture_output=True, text=True, timeout=600, env=ENV)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("step 1/2") == 1  # one log line per step, from rank 0 only
+    return metrics(out)
+
+
+def test_torchrun_two_cpu_processes_lora_ddp_and_fsdp(tmp_path):
+    from safetensors.torch import load_file
+
+    lora = torchrun(str(tmp_path / "lora"), "--lora-rank", "4")
+    assert len(lora) == 2 and all(r["ratio0"] == 1.0 for r in lora)
+    assert len(torch.load(tmp_path / "lora" / "checkpoint" / "latest.pt", weights_only=False)["rng"]) == 2
+    assert os.path.exists(tmp_path / "lora" / "lora.safetensors")
+    # full generation expert: gradient averaging (plain) and FSDP sharding give the same trained weights
+    plain = torchrun(str(tmp_path / "full"))
+    sharded = torchrun(str(tmp_path / "fsdp"), "--fsdp")
+    assert [r["reward"] for r in plain][0] == [r["reward"] for r in sharded][0]
+    wa = load_file(str(tmp_path / "full" / "gen_expert.safetensors"))
+    wb = load_file(str(tmp_path / "fsdp" / "gen_expert.safetensors"))
+    assert set(wa) == set(wb) and all("moe_gen" in k for k in wa)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=2e-5, rtol=1e-4)
+
+
+# -- inference API and CLI ----------------------------------------------------------------------------
+
+
+def test_role_play_and_the_api_on_the_embedded_default(tmp_path, capsys):
+    out = run("--role-play", "Hi")
+    assert out.strip().splitlines()[-1].startswith("Bo: ") and len(out.strip().splitlines()[-1]) > len("Bo: ")
+    cfg = U.resolve_config(U.Config(out_dir=str(tmp_path), eval_num_timesteps=4))
+    models = U.load_models(cfg, torch.device("cpu"), torch.float32)
+    persona = U.read_persona(U.character_folder(cfg))
+    reply = U.role_play(models, cfg, persona, "Show me a picture of you", generator=torch.Generator().manual_seed(0))
+    assert reply["response"] and reply["image"].size == (16, 16)
+    assert U.role_play(models, cfg, persona, "Who are you?", with_image=False)["image"] is None
+    image = U.generate_image(models, cfg, "Bo on a purple background on the left", 2)
+    assert len(image) == 2 and image[0].size == (16, 16)
+    assert isinstance(U.visual_understanding(models, cfg, image[0], "What color is the background?"), str)
+    assert isinstance(U.knowledge_qa(models, cfg, "What color is Bo?"), str)
+    with pytest.raises(ValueError, match="empty"):
+        U.generate_image(models, cfg, " ", 1)
+    with pytest.raises(AssertionError, match="image not found"):
+        run("--ask", str(tmp_path / "missing.png"), "What?")
+
+
+def test_help_lists_every_flag_with_its_comment(capsys, monkeypatch):
+    import dataclasses as dc
+
+    monkeypatch.setenv("COLUMNS", "2000")
+    with pytest.raises(SystemExit):
+        U.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in ("--train", "--evaluate", "--generate", "--ask", "--knowledge", "--role-play"):
+        assert flag in text
+    comments = common._field_comments(U.Config)
+    for field in dc.fields(U.Config):
+        assert "--" + field.name.replace("_", "-") in text
+        assert comments.get(field.name) and " ".join(comments[field.name].split()) in text, field.name
