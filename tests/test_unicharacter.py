@@ -359,6 +359,50 @@ def test_reward_terms_on_hand_made_values():
     assert torch.equal(adv[4:], torch.zeros(4))
 
 
+def test_real_scorer_runs_with_transformers_classes(tmp_path):
+    """The real reward path (BLIP-VQA, CLIP, DINOv2 through transformers, loaded from local folders) on tiny random
+    models saved to disk: checks the wiring and the output format, not accuracy."""
+    from PIL import Image
+    from transformers import (BertTokenizer, BitImageProcessorPil, BlipConfig, BlipForQuestionAnswering,
+                              BlipImageProcessorPil, BlipProcessor, CLIPConfig, CLIPImageProcessorPil, CLIPModel,
+                              CLIPProcessor, CLIPTokenizer, Dinov2Config, Dinov2Model)
+
+    (tmp_path / "vocab.json").write_text(json.dumps({"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2}))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    (tmp_path / "bert.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "yes", "no", "is",
+                                                  "the", "background", "blue", "?"]))
+    small = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2)
+    vision = dict(small, image_size=32, patch_size=16)
+    torch.manual_seed(0)
+    vqa, clip, dino = (str(tmp_path / n) for n in ("vqa", "clip", "dino"))
+    BlipForQuestionAnswering(BlipConfig(text_config=dict(small, vocab_size=12, max_position_embeddings=64, pad_token_id=0,
+                                                          bos_token_id=2, eos_token_id=3, sep_token_id=3),
+                                        vision_config=vision, projection_dim=32)).save_pretrained(vqa)
+    BlipProcessor(BlipImageProcessorPil(size={"height": 32, "width": 32}),
+                  BertTokenizer(str(tmp_path / "bert.txt"))).save_pretrained(vqa)
+    CLIPModel(CLIPConfig(text_config=dict(small, vocab_size=100, max_position_embeddings=77, bos_token_id=0,
+                                         eos_token_id=1), vision_config=vision,
+                         projection_dim=32)).save_pretrained(clip)
+    CLIPProcessor(CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                  CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))).save_pretrained(clip)
+    Dinov2Model(Dinov2Config(**small, image_size=32, patch_size=16)).save_pretrained(dino)
+    BitImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(dino)
+    cfg = U.Config(vqa_dir=vqa, clip_dir=clip, dino_dir=dino)
+    scorer = U.Scorer(cfg, torch.device("cpu"), toy=False)
+    images = [Image.new("RGB", (40, 40), c) for c in ((200, 10, 10), (10, 10, 200), (10, 200, 10), (90, 90, 90))]
+    metas = [dict(prompt="Bo on a blue background", vqa_questions=U.toy_questions("blue", "left"))] * 2
+    metas += [dict(prompt="Bo on a green background")] * 2  # no questions: the yes/no fallback
+    refs = scorer.features(images[:2])
+    out = U.character_reward(scorer, images, metas, refs, cfg, group_size=2)
+    assert set(out) == {"reward", "r_vqa", "r_clip", "r_div", "p_dino", "dino_sim"}
+    assert all(v.shape == (4,) and torch.isfinite(v).all() for v in out.values())
+    assert torch.all((out["r_vqa"] >= 0) & (out["r_vqa"] <= 1)) and torch.all(out["p_dino"] <= 0)
+    torch.testing.assert_close(out["reward"], 0.3 * out["r_vqa"] + 0.45 * out["r_clip"] + 0.1 * out["r_div"]
+                               + 0.15 * out["p_dino"])
+    with pytest.raises(FileNotFoundError, match="--dino-dir"):
+        U.Scorer(U.Config(vqa_dir=vqa, clip_dir=clip), torch.device("cpu"), toy=False)
+
+
 def test_toy_stand_ins_read_the_pictures():
     rng = random.Random(0)
     img = U.toy_picture("green", "right", rng)
