@@ -38,9 +38,11 @@ a word-level tokenizer and a tiny diffusers AutoencoderKL built in code, and a s
 square with a dark nose) written as a character folder. The VAE is fitted and the model Unified-SFT'd on Bo in code
 once and cached (~/.cache/nanogenrl); rewards use documented stand-ins for BLIP/CLIP/DINOv2 that read the pixels
 (background colour, Bo's side), so "the reward rises" means the pictures really follow the prompts better.
+Measured on a shared 2-core CPU: reward 0.573 -> 0.647 (VQA 0.68 -> 0.81) over 60 steps, 80 s in all (17 s of it
+the one-time pre-training); --evaluate at inference settings 0.504 -> 0.618.
 
 Commands (requires common.py next to it):
-    python unicharacter.py --train                                           # embedded toy, CPU, a few minutes
+    python unicharacter.py --train                                           # embedded toy, CPU, ~1.5 minutes
     python unicharacter.py --train --stage sft --model-dir BAGEL-7B-MoT --character-dir data/Bo     # 1 GPU
     python unicharacter.py --train --model-dir BAGEL-7B-MoT --checkpoint runs/sft/model.safetensors \\
         --character-dir data/Bo --vqa-dir blip-vqa-base --clip-dir clip-vit-large-patch14 --dino-dir dinov2-base
