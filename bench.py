@@ -15,6 +15,9 @@ Sections:
     unirl       Janus-Pro through unirl.sample_image_tokens (the rollout: KV-cached CFG decoding of 576 image tokens
                 for a group of 8, i.e. 16 rows) and the GRPO update's re-scoring forward + backward: seconds, ms per
                 token step, images/s, MFU, peak memory. --size janus-1b / janus-7b (random weights, GPU) or tiny.
+    unicharacter  BAGEL's MoT through unicharacter.py: prompt prefill, one text-CFG flow step of a group of 8 at
+                1024 px (4096 latent tokens, 2 x 8 rows), the GRPO update of one sample's CFG pair (full generation
+                expert, gradient checkpointing), text decoding (weight-read bandwidth). --size bagel-7b or tiny.
 
 Prints the environment, a table, then one JSON line (the last line of stdout) that scripts can parse.
 Requires common.py next to it.
@@ -255,10 +258,119 @@ def bench_unirl(device: torch.device, repeats: int = 3, size: str = "tiny", grou
 
 
 # -----------------------------------------------------------------------------
+# unicharacter: BAGEL's MoT - prompt prefill, a CFG flow step, the Character-GRPO update, text decoding
+
+
+def bagel_linear_weights(model, expert: str) -> int:
+    """Per-token weights of one expert ("und" or "gen") in the decoder layers (q/k/v/o and MLP)."""
+    return sum(m.weight.numel() for n, m in model.language_model.model.layers.named_modules()
+               if isinstance(m, torch.nn.Linear) and (("moe_gen" in n) == (expert == "gen")))
+
+
+def bench_unicharacter(device: torch.device, repeats: int = 3, size: str = "tiny", group: int = 8,
+                       prompt_tokens: int = 64, resolution: int = 1024, text_steps: int = 32) -> list[dict]:
+    """unicharacter.py's code paths: prefill of a group's prompts (understanding expert), one text-CFG flow step of
+    the group ([cond; uncond] = 2 x group rows of 2 + 4096 latent tokens at 1024 px, generation expert), the GRPO
+    re-scoring forward + backward of one sample's CFG pair (full generation expert, gradient checkpointing), and
+    token-by-token text decoding (achieved weight-read bandwidth). FLOPs: 2 x per-token weights x tokens +
+    4 x d x attended pairs per layer; MFU against 790 TFLOP/s."""
+    import unicharacter as U
+
+    dtype = common.pick_dtype(device)[0]
+    if size == "bagel-7b":
+        with torch.device("meta"):
+            model = U.Bagel(U.BAGEL_7B)
+        model = model.to_empty(device=device).to(dtype)
+        for p in model.parameters():
+            torch.nn.init.normal_(p, std=0.02)
+        models = U.Models(model, None, None, dict(bos=0, eos=1, soi=2, eoi=3, pad=4), 378, toy=False)
+    else:
+        cfg = U.resolve_config(U.Config())
+        models = U.load_models(cfg, device, dtype)
+        resolution, prompt_tokens = cfg.image_size, 16
+    model, arch = models.model.eval().requires_grad_(False), models.model.arch
+    side = resolution // arch.latent_downsample
+    n_lat, d, layers = side * side, arch.hidden, arch.layers
+    und, gen = bagel_linear_weights(model, "und"), bagel_linear_weights(model, "gen")
+    ids = [[("text", list(range(5, 5 + prompt_tokens)), False)] for _ in range(group)]
+
+    def prefill():
+        with torch.no_grad():
+            emb, pos, mask, _, _, valid, nxt = U.pack(models, ids)
+            return U.Prefix(emb, pos, valid, nxt, model.language_model.model(emb, pos, mask)[1])
+
+    rows = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    s = median_ms(prefill, device, repeats, 1) / 1e3
+    flops = group * (2 * und * prompt_tokens + 4 * d * layers * prompt_tokens * (prompt_tokens + 1) / 2)
+    rows.append({"section": "unicharacter", "size": size, "what": f"prefill {group} prompts x {prompt_tokens} tokens",
+                 "s": round(s, 4), "mfu": round(flops / s / PEAK_BF16_FLOPS, 4), "bandwidth_tb_s": None,
+                 "peak_gb": round(common.peak_memory_gb(device), 1)})
+    pair = prefill().cfg_pair()
+    x = torch.randn(group, n_lat, arch.latent_dim, device=device)
+    q = n_lat + 2
+    step_flops = lambda rows_: rows_ * (2 * gen * n_lat + 2 * und * 2 + 4 * d * layers * q * (q + prompt_tokens))
+
+    def flow_step():
+        with torch.no_grad():
+            U.guided_velocity(models, pair, x, 0.7, (side, side), 4.0, 0.0)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    s = median_ms(flow_step, device, repeats, 1) / 1e3
+    rows.append({"section": "unicharacter", "size": size, "what": f"flow step, group {group} + CFG, {resolution}px",
+                 "s": round(s, 4), "mfu": round(step_flops(2 * group) / s / PEAK_BF16_FLOPS, 4),
+                 "bandwidth_tb_s": None, "peak_gb": round(common.peak_memory_gb(device), 1)})
+
+    params = [p for n, p in model.language_model.named_parameters() if "moe_gen" in n]
+    for p in params:
+        p.requires_grad_(True)
+    model.language_model.model.grad_checkpointing = True
+    one = pair.rows(torch.tensor([0, group], device=device))  # one sample's [cond; uncond] rows
+
+    def update():
+        v = U.guided_velocity(models, one, x[:1], 0.7, (side, side), 4.0, 0.0)
+        v.square().mean().backward()
+        for p in params:
+            p.grad = None
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    s = median_ms(update, device, repeats, 1) / 1e3
+    rows.append({"section": "unicharacter", "size": size, "what": "GRPO update: 1 sample + CFG, full gen expert, "
+                 "grad ckpt", "s": round(s, 4), "mfu": round(3 * step_flops(2) / s / PEAK_BF16_FLOPS, 4),
+                 "bandwidth_tb_s": None, "peak_gb": round(common.peak_memory_gb(device), 1)})
+    model.language_model.model.grad_checkpointing = False
+    model.requires_grad_(False)
+
+    lm = model.language_model
+    cache, valid = prefill().cache, torch.ones(group, prompt_tokens, dtype=torch.bool, device=device)
+
+    def decode():
+        with torch.no_grad():
+            c, v, pos = cache, valid, torch.full((group, 1), prompt_tokens, device=device)
+            token = torch.zeros(group, dtype=torch.long, device=device)
+            for _ in range(text_steps):
+                v = torch.cat([v, v.new_ones(group, 1)], 1)
+                h, c = lm.model(model.embed(token[:, None]), pos, v[:, None, None, :], past=c)
+                token, pos = lm.lm_head(h[:, -1]).argmax(-1), pos + 1
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    s = median_ms(decode, device, repeats, 1) / 1e3
+    weight_bytes = (und + lm.lm_head.weight.numel()) * torch.finfo(dtype).bits / 8  # weights read per token step
+    rows.append({"section": "unicharacter", "size": size, "what": f"text decoding, {group} rows x {text_steps} tokens",
+                 "s": round(s, 4), "mfu": None, "bandwidth_tb_s": round(weight_bytes * text_steps / s / 1e12, 4),
+                 "peak_gb": round(common.peak_memory_gb(device), 1)})
+    return rows
+
+
+# -----------------------------------------------------------------------------
 # CLI
 
-SECTIONS = {"matching": bench_matching, "umo": bench_umo, "unirl": bench_unirl}
-SIZES = {"umo": ("tiny", "flux-12b"), "unirl": ("tiny", *JANUS_SIZES)}  # --size values each method section knows
+SECTIONS = {"matching": bench_matching, "umo": bench_umo, "unirl": bench_unirl, "unicharacter": bench_unicharacter}
+SIZES = {"umo": ("tiny", "flux-12b"), "unirl": ("tiny", *JANUS_SIZES), "unicharacter": ("tiny", "bagel-7b")}  # --size values each method section knows
 
 
 def cpu_name() -> str:

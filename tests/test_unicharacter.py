@@ -546,3 +546,17 @@ def test_help_lists_every_flag_with_its_comment(capsys, monkeypatch):
     for field in dc.fields(U.Config):
         assert "--" + field.name.replace("_", "-") in text
         assert comments.get(field.name) and " ".join(comments[field.name].split()) in text, field.name
+
+
+def test_bench_section_runs_on_the_tiny_model():
+    import bench
+
+    rows = bench.bench_unicharacter(torch.device("cpu"), repeats=1, size="tiny")
+    assert [r["what"].split()[0] for r in rows] == ["prefill", "flow", "GRPO", "text"]
+    assert all(r["s"] > 0 for r in rows) and rows[-1]["bandwidth_tb_s"] > 0
+    assert "unicharacter" in bench.SECTIONS and "bagel-7b" in bench.SIZES["unicharacter"]
+    with torch.device("meta"):  # the BAGEL-7B architecture's size: 7B per expert-stack, 14B in all
+        model = U.Bagel(U.BAGEL_7B)
+    total = sum(p.numel() for p in model.parameters())
+    gen = bench.bagel_linear_weights(model, "gen")
+    assert 14.0e9 < total < 14.8e9 and gen == bench.bagel_linear_weights(model, "und")
