@@ -9,8 +9,9 @@ Sections:
                 scipy (with the device->host->device transfers when the costs live on a GPU), our C++ CPU path and
                 our CUDA kernel. Median ms per batch after warm-up; every total is checked against scipy's optimum.
     umo         the FLUX transformer through umo.velocity (the training code path) with random weights: a rollout
-                denoising step (no grad) and a LoRA update step (forward + backward, gradient checkpointing) for a
-                group, seconds, peak memory and model FLOP utilisation. --size flux-12b is the real architecture
+                denoising step (no grad), a LoRA update step (forward + backward, gradient checkpointing) for a
+                group, and a whole ReReFL step (sampling, one step with gradient, VAE decode, face nets, MIMR):
+                seconds, peak memory and model FLOP utilisation. --size flux-12b is the real architecture
                 (needs a large GPU); --size tiny is the embedded default's model (any device).
     unirl       Janus-Pro through unirl.sample_image_tokens (the rollout: KV-cached CFG decoding of 576 image tokens
                 for a group of 8, i.e. 16 rows) and the GRPO update's re-scoring forward + backward: seconds, ms per
@@ -124,18 +125,31 @@ def bench_umo(device: torch.device, repeats: int = 5, size: str = "tiny", group:
 
     dtype = common.pick_dtype(device)[0]
     if size == "flux-12b":
+        from diffusers import AutoencoderKL
+
         with torch.device("meta"):
             tf = FluxTransformer2DModel(guidance_embeds=True)  # FLUX.1-dev's configuration
         tf = tf.to_empty(device=device).to(dtype)
         for p in tf.parameters():
             torch.nn.init.normal_(p, std=0.02)
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            layers_per_block=2, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159,
+                            scaling_factor=0.3611)  # FLUX.1-dev's VAE configuration, random weights
+        half = resolution / 2  # two face boxes side by side: ArcFace and the warp run as with real faces
+        detector = umo.SlotDetector({(resolution, resolution): [(0, half / 2, half, 1.5 * half),
+                                                                 (half, half / 2, 2 * half, 1.5 * half)]})
+        models = umo.Models(tf, vae.to(device, dtype).eval(), None, None, None, None, detector,
+                            umo.IResNet().to(device, dtype).eval(), max_text_len=text_tokens)
+        cfg = umo.Config(resolution=resolution)
         latent = resolution // 8
     else:
         cfg = umo.Config(**umo.TOY_SETTINGS)
-        tf = umo.load_models(cfg, device, dtype).transformer
+        models = umo.load_models(cfg, device, dtype)
+        models.max_text_len = 16
+        tf = models.transformer
         resolution, text_tokens, latent = cfg.resolution, 16, cfg.resolution // 2
     tf.requires_grad_(False)
-    models = umo.Models(tf, *[None] * 7, max_text_len=text_tokens)
     grid = (latent, latent)
     tokens = (latent // 2) ** 2
     text = torch.randn(group, text_tokens, tf.config.joint_attention_dim, device=device, dtype=dtype)
@@ -174,6 +188,26 @@ def bench_umo(device: torch.device, repeats: int = 5, size: str = "tiny", group:
     s = median_ms(update, device, repeats) / 1e3
     rows.append({"section": "umo", "size": size, "what": f"LoRA update step (r64, grad ckpt), group {group}",
                  "s": round(s, 4), "mfu": round(3 * flops / s / PEAK_BF16_FLOPS, 3),
+                 "peak_gb": round(common.peak_memory_gb(device), 1)})
+
+    # ReReFL (Algorithm 1): no-grad sampling to step k, one step with gradient, VAE decode, MIMR, + lambda L_diff
+    ref_embs = [torch.nn.functional.normalize(torch.randn(2, models.arcface.fc.out_features, device=device), dim=-1)
+                for _ in range(group)]
+    targets = torch.rand(group, 3, resolution, resolution, device=device) * 2 - 1
+    grad_step = []
+
+    def rerefl():
+        loss, m = umo.rerefl_step(models, cfg, cond, ref_embs, targets, torch.Generator().manual_seed(0))
+        loss.backward()
+        grad_step.append(m["grad_step"])
+        for p in params:
+            p.grad = None
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    s = median_ms(rerefl, device, repeats) / 1e3
+    rows.append({"section": "umo", "size": size, "what": f"ReReFL step (grad at step {grad_step[0] + 1} of "
+                 f"{cfg.num_steps}), batch {group}", "s": round(s, 4), "mfu": None,
                  "peak_gb": round(common.peak_memory_gb(device), 1)})
     return rows
 
