@@ -57,13 +57,14 @@ Requires common.py next to it.
 """
 
 import argparse
+import ast
 import dataclasses
 import hashlib
 import inspect
 import json
-import math
 import os
 import random
+import textwrap
 import time
 from dataclasses import dataclass
 
@@ -92,9 +93,9 @@ SD3_LORA_TARGETS = ("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "at
 class Config:
     # ---- model
     qwen_dir: str | None = None  # UAE "llm" folder: Qwen2.5-VL-3B with the projector weights; none = the embedded toy
-    processor_dir: str | None = None  # tokenizer, preprocessor_config.json, chat template (UAE llm_model_preprocessor); default qwen_dir
+    processor_dir: str | None = None  # tokenizer, image processor, chat template (UAE llm_model_preprocessor)
     llm_lora: str | None = None  # UAE "llm_lora" folder (safetensors shards) or our llm_lora.safetensors
-    sd3_dir: str | None = None  # SD3.5-Large in diffusers layout (vae/, scheduler/, text_encoder/, text_encoder_2/, transformer/)
+    sd3_dir: str | None = None  # SD3.5-Large, diffusers layout (vae/, scheduler/, text_encoder/, text_encoder_2/, ...)
     dit_dir: str | None = None  # UAE "dit" folder (fine-tuned SD3Transformer2DModel); default <sd3_dir>/transformer
     dit_lora: str | None = None  # UAE "dit_lora" PEFT folder or our dit_lora.safetensors
     projector: str | None = None  # our projector.safetensors (replaces the projector stored in --qwen-dir)
@@ -107,7 +108,7 @@ class Config:
     data: str | None = None  # JSONL with {"image": path} per line (training images); none = synthetic toy images
     resolution: int = 512  # decoder resolution in training rollouts (UAE cold-start code: 512)
     images_per_rank: int = 2  # images per step and rank; each brings its whole group
-    bench_images: str | None = None  # Unified-Bench reference folder (UniBench/Image, 100 images) for --evaluate/--score
+    bench_images: str | None = None  # Unified-Bench references (UniBench/Image, 100 images) for --evaluate/--score
     # ---- rollout
     group_size: int = 8  # captions per image (stage 2) or reconstructions per caption (stage 3)
     caption_temperature: float = 0.7  # UAE demo: do_sample, temperature 0.7
@@ -142,7 +143,7 @@ class Config:
     weight_decay: float = 1e-4  # AdamW weight decay (flow_grpo)
     grad_checkpointing: bool = False  # recompute activations in updates (LLM and DiT)
     # ---- logging
-    out_dir: str = "runs/uae"  # config.json, metrics.jsonl, samples/, llm_lora/dit_lora/projector.safetensors, checkpoint/
+    out_dir: str = "runs/uae"  # metrics.jsonl, samples/, {llm_lora,dit_lora,projector}.safetensors, checkpoint/
     sample_every: int = 50  # save originals | reconstructions every N steps
     save_every: int = 100  # checkpoint and adapters every N steps (and at the end)
     resume: bool = False  # continue from <out_dir>/checkpoint/latest.pt
@@ -153,7 +154,7 @@ class Config:
     cpu_threads: int = 1  # torch threads on CPU (tiny toy ops only lose to thread sync; 0 = torch's default)
     # ---- embedded toy (only without --qwen-dir)
     toy_pretrain_steps: int = 700  # in-code pre-training of the tiny decoder (0 = random tiny models, wiring only)
-    toy_caption_steps: int = 200  # in-code pre-training of the tiny captioner (it names a random half of the attributes)
+    toy_caption_steps: int = 200  # in-code pre-training of the tiny captioner (names a random half of the attributes)
 
 
 # Without --qwen-dir these replace the defaults wherever a flag still holds its default (printed). Temperature 1:
@@ -557,9 +558,10 @@ def toy_models() -> Models:
     llm = Qwen2_5_VLForConditionalGeneration(config)
     # 32 px images are resized to 56 x 56: 4 x 4 patches of 14 px, 4 visual tokens after the 2 x 2 merge
     image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=56 * 56)
-    transformer = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=16,
-                                        num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=64,
-                                        pooled_projection_dim=32, out_channels=4, pos_embed_max_size=8)
+    transformer = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, num_layers=2,
+                                        attention_head_dim=16, num_attention_heads=4, joint_attention_dim=64,
+                                        caption_projection_dim=64, pooled_projection_dim=32, out_channels=4,
+                                        pos_embed_max_size=8)
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
                         latent_channels=4, norm_num_groups=4, sample_size=TOY_RES, mid_block_add_attention=False,
@@ -644,10 +646,11 @@ def toy_cache_key(cfg: Config) -> str:
     import diffusers
     import transformers
 
-    code = [inspect.getsource(f) for f in (toy_models, toy_tokenizer, toy_batch, toy_attributes, toy_image,
-                                           toy_caption, pretrain_toy, caption_nll, caption_logits, caption_inputs,
-                                           flow_matching_loss, condition, llm_states, generate_ids, chat_ids,
-                                           make_projector, velocity)]
+    # syntax trees, not source text: comments and formatting can change, the cache stays valid
+    functions = (toy_models, toy_tokenizer, toy_batch, toy_attributes, toy_image, toy_caption, pretrain_toy,
+                 caption_nll, caption_logits, caption_inputs, flow_matching_loss, condition, llm_states, generate_ids,
+                 chat_ids, make_projector, velocity)
+    code = [ast.dump(ast.parse(textwrap.dedent(inspect.getsource(f)))) for f in functions]
     data = (TOY_RES, TOY_SIZES, TOY_COLORS, TOY_BACKGROUNDS, QWEN_SPECIALS, TOY_CHAT_TEMPLATE, NEGATIVE_PROMPT,
             CAPTION_INSTRUCTION, torch.__version__, transformers.__version__, diffusers.__version__,
             cfg.toy_pretrain_steps, cfg.toy_caption_steps)
@@ -963,7 +966,8 @@ def load_embedder(name: str, folder: str | None, flag: str, device: torch.device
 def toy_embedders(device: torch.device) -> list[Embedder]:
     """Tiny random CLIP and DINOv2 of the real classes: random ViTs still see a square's colour, size and
     background (each changes the cosine; measured 0.95 / 0.96 / 0.75 for CLIP)."""
-    from transformers import BitImageProcessorPil, CLIPConfig, CLIPImageProcessorPil, CLIPModel, Dinov2Config, Dinov2Model
+    from transformers import (BitImageProcessorPil, CLIPConfig, CLIPImageProcessorPil, CLIPModel, Dinov2Config,
+                              Dinov2Model)
 
     torch.manual_seed(0)
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -1194,8 +1198,9 @@ def decoder_grpo_step(models: Models, optimizer, cfg: Config, batch: dict, advan
                 with torch.no_grad(), common.lora_disabled(models.transformer):
                     x = latents[j, c.start:c.stop]
                     v_ref = velocity(models, x, float(sigmas[j]), cfg_rows(cond, c), cfg_rows(pooled, c), cfg.guidance)
-                    mean_ref = common.sde_step_with_logprob(x, v_ref, float(sigmas[j]), float(sigmas[j + 1]),
-                                                            cfg.noise_level, prev_sample=latents[j + 1, c.start:c.stop])[2]
+                    mean_ref = common.sde_step_with_logprob(
+                        x, v_ref, float(sigmas[j]), float(sigmas[j + 1]), cfg.noise_level,
+                        prev_sample=latents[j + 1, c.start:c.stop])[2]
                 kl = common.step_mean_kl(mean, mean_ref, std_dev_t).mean()
             loss = policy + cfg.beta_decoder * kl
             backward_if_finite(loss / trained)
