@@ -35,8 +35,8 @@ Embedded default (no --flux-dir, CPU, nothing downloaded): subjects are coloured
 references show one subject, targets place 2-4 of them in slots named by the instruction. A tiny Kontext of the
 real classes is pre-trained in code once (cached in ~/.cache/nanogenrl) as the "SFT model": it draws the right
 shapes but copies a reference's colour only part of the time; a sliding-window template detector (SlotDetector)
-stands in for Grounding DINO (a random one finds nothing) and a tiny random ViTModel for DINO. GRPO with R_PSR then
-raises subject consistency.
+stands in for Grounding DINO (a random one finds nothing) and a tiny random ViTModel for DINO. Measured: 150 GRPO
+steps take about a minute on 2 CPU cores, but R_PSR stays flat (0.35 -> 0.36); learning on the toy is not yet shown.
 
 Commands (requires common.py next to it):
     python psr.py --train                                             # embedded default: tiny models, CPU, minutes
