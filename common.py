@@ -131,7 +131,10 @@ def init_dist(device: str = "auto") -> Dist:
 
 
 def cleanup_dist() -> None:
+    """Every rank waits for the others before the group is torn down: a rank that destroys a gloo group while its
+    peer still talks to it can abort the peer ("terminate called without an active exception")."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
