@@ -97,6 +97,15 @@ def config_from_args(cls, args: argparse.Namespace):
     return cls(**values)
 
 
+def apply_toy_settings(cfg, settings: dict, note: str):
+    """The embedded default's config: each of `settings` replaces its field where the field still equals the
+    dataclass default (a flag the user changed wins). Prints `note` and every replacement."""
+    defaults = type(cfg)()
+    changes = {k: v for k, v in settings.items() if getattr(cfg, k) == getattr(defaults, k)}
+    print0(note + (": " + ", ".join(f"{k} {getattr(cfg, k)} -> {v}" for k, v in changes.items()) if changes else ""))
+    return dataclasses.replace(cfg, **changes)
+
+
 # -----------------------------------------------------------------------------
 # runtime: torchrun, seeding, dtype
 

@@ -144,11 +144,8 @@ def resolve_config(cfg: Config) -> Config:
     """The config a run uses: with no --flux-dir, the toy's settings for every flag left at its default (printed)."""
     if cfg.flux_dir is not None:
         return cfg
-    defaults = Config()
-    changes = {k: v for k, v in TOY_SETTINGS.items() if getattr(cfg, k) == getattr(defaults, k)}
-    common.print0("embedded default (no --flux-dir): tiny Kontext/VAE/CLIP/T5/ViT, coloured-shape subjects, slot "
-                  "detector; " + ", ".join(f"{k} {getattr(cfg, k)} -> {v}" for k, v in changes.items()))
-    return dataclasses.replace(cfg, **changes)
+    note = "embedded default (no --flux-dir): tiny Kontext/VAE/CLIP/T5/ViT, coloured-shape subjects, slot detector"
+    return common.apply_toy_settings(cfg, TOY_SETTINGS, note)
 
 
 # -----------------------------------------------------------------------------

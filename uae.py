@@ -167,14 +167,10 @@ TOY_SETTINGS = dict(resolution=32, eval_resolution=32, images_per_rank=4, max_ca
 
 
 def resolve_config(cfg: Config) -> Config:
+    """The config a run uses: with no --qwen-dir, the toy's settings for every flag left at its default (printed)."""
     if cfg.qwen_dir is not None:
         return cfg
-    defaults = Config()
-    changes = {k: v for k, v in TOY_SETTINGS.items() if getattr(cfg, k) == getattr(defaults, k)}
-    if changes:
-        common.print0("embedded toy settings: " + ", ".join(f"{k} {getattr(cfg, k)} -> {v}"
-                                                            for k, v in changes.items()))
-    return dataclasses.replace(cfg, **changes)
+    return common.apply_toy_settings(cfg, TOY_SETTINGS, "embedded toy settings")
 
 
 # -----------------------------------------------------------------------------

@@ -158,14 +158,10 @@ TOY_SETTINGS = dict(image_size=16, prompts_per_rank=8, lr=1e-3, sft_lr=1e-3, max
 
 
 def resolve_config(cfg: Config) -> Config:
+    """The config a run uses: with no --model-dir, the toy's settings for every flag left at its default (printed)."""
     if cfg.model_dir is not None:
         return cfg
-    defaults = Config()
-    changes = {k: v for k, v in TOY_SETTINGS.items() if getattr(cfg, k) == getattr(defaults, k)}
-    if changes:
-        common.print0("embedded toy settings: " + ", ".join(f"{k} {getattr(cfg, k)} -> {v}"
-                                                            for k, v in changes.items()))
-    return dataclasses.replace(cfg, **changes)
+    return common.apply_toy_settings(cfg, TOY_SETTINGS, "embedded toy settings")
 
 
 # -----------------------------------------------------------------------------

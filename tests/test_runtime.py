@@ -49,6 +49,12 @@ def test_config_cli_help_types_and_round_trip(capsys):
     assert "invalid int value: 'eight'" in capsys.readouterr().err
 
 
+def test_toy_settings_replace_only_fields_left_at_their_default(capsys):
+    cfg = common.apply_toy_settings(ToyConfig(lr=3e-4), {"lora_rank": 8, "lr": 1e-2}, "toy")
+    assert cfg == ToyConfig(lora_rank=8, lr=3e-4)  # the user's lr stays
+    assert capsys.readouterr().out.strip() == "toy: lora_rank 64 -> 8"
+
+
 def test_atomic_save_keeps_previous_file_when_write_fails(tmp_path):
     path = str(tmp_path / "ckpt.pt")
     common.atomic_save(path, lambda tmp: torch.save({"step": 1}, tmp))
