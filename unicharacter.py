@@ -27,7 +27,8 @@ Where we differ from the paper and the public code (and why):
 - fix: the diversity term is per image (mean distance to the rest of its group). The public term is one value per
   same-prompt sub-group on a GPU, so it cancels in the per-prompt normalisation whenever a group shares a GPU -
   which it always does here (a prompt's group stays on one rank; its statistics equal the public cross-GPU ones).
-- Diversity uses DINOv2 feature distance (1 - cos) instead of LPIPS (AlexNet): LPIPS is not in our dependencies.
+- Diversity is LPIPS (AlexNet, written out in this file) given --lpips-alexnet and --lpips-lin; without them it is
+  DINOv2 feature distance (1 - cos), printed at start. LPIPS needs images of >= 32 px (the toy's 16 px use DINO).
 - fix: a non-positive DINO weight is an error; the public loader's fallback writes -0.1, which silently disables it.
 - The SFT VAE latents are the posterior mean (BAGEL samples); log-probs carry the Gaussian constant (they cancel).
 - KL (beta > 0) needs LoRA: the reference policy is the model with adapters off (no second copy of the expert).
@@ -113,6 +114,8 @@ class Config:
     vqa_dir: str | None = None  # local Salesforce/blip-vqa-base (transformers)
     clip_dir: str | None = None  # local openai/clip-vit-large-patch14
     dino_dir: str | None = None  # local facebook/dinov2-base
+    lpips_alexnet: str | None = None  # torchvision AlexNet weights (.pth or .safetensors) for the LPIPS diversity term; none = DINO feature distance
+    lpips_lin: str | None = None  # lpips v0.1 linear heads (lpips/weights/v0.1/alex.pth); needed with --lpips-alexnet
     w_vqa: float = 0.3  # reward weight of BLIP-VQA exact match (YAML)
     w_clip: float = 0.45  # reward weight of CLIP-T / 30 (YAML)
     w_div: float = 0.1  # reward weight of group diversity (YAML diversity_lpips)
@@ -157,11 +160,12 @@ TOY_SETTINGS = dict(image_size=16, prompts_per_rank=8, lr=1e-3, sft_lr=1e-3, max
                     max_text_tokens=24, save_every=20)
 
 
-def resolve_config(cfg: Config) -> Config:
-    """The config a run uses: with no --model-dir, the toy's settings for every flag left at its default (printed)."""
+def resolve_config(cfg: Config, given: frozenset[str] = frozenset()) -> Config:
+    """The config a run uses: with no --model-dir, the toy's settings for every field that is neither
+    typed on the command line (`given`) nor changed from its default (printed)."""
     if cfg.model_dir is not None:
         return cfg
-    return common.apply_toy_settings(cfg, TOY_SETTINGS, "embedded toy settings")
+    return common.apply_toy_settings(cfg, TOY_SETTINGS, "embedded toy settings", given)
 
 
 # -----------------------------------------------------------------------------
@@ -1235,7 +1239,16 @@ class Scorer:
     """BLIP-VQA, CLIP and DINOv2 from local transformers folders; toy=True uses the pixel-reading stand-ins."""
 
     def __init__(self, cfg: Config, device: torch.device, toy: bool):
-        self.toy, self.device = toy, device
+        self.toy, self.device, self.lpips = toy, device, None
+        if (cfg.lpips_alexnet is None) != (cfg.lpips_lin is None):
+            raise ValueError("LPIPS needs both --lpips-alexnet (torchvision AlexNet weights) and --lpips-lin (lpips "
+                             f"v0.1 alex.pth); got {cfg.lpips_alexnet} and {cfg.lpips_lin}")
+        if cfg.lpips_alexnet is not None:
+            self.lpips = load_lpips(cfg.lpips_alexnet, cfg.lpips_lin).to(device)
+            common.print0("diversity term: LPIPS (AlexNet), mean to the other images of the group")
+        else:
+            common.print0("diversity term: 1 - cos of DINOv2 features (stand-in; pass --lpips-alexnet and --lpips-lin "
+                          "for the paper's LPIPS)")
         if toy:
             return
         from transformers import (AutoImageProcessor, AutoModel, BlipForQuestionAnswering, BlipProcessor, CLIPModel,
@@ -1284,6 +1297,15 @@ class Scorer:
         return F.normalize(self.dino(**pixels).last_hidden_state[:, 0].float(), dim=-1).cpu()
 
 
+    @torch.no_grad()
+    def diversity(self, images: list, feats: torch.Tensor, group_size: int) -> torch.Tensor:
+        """(B,) mean distance of each image to the rest of its group: LPIPS when loaded, else 1 - cos of feats."""
+        if self.lpips is None:
+            return leave_one_out_diversity(feats, group_size)
+        pixels = torch.stack([common.pil_to_tensor(im.convert("RGB")) for im in images]).to(self.device)
+        return lpips_diversity(self.lpips, pixels, group_size)
+
+
 def vqa_score(answers: list[str], questions: list[dict], prompt: str) -> float:
     """Sum of the weights of exactly matched answers (lower-cased) / sum of weights; without questions the public
     fallback asks "Does this image accurately depict: <prompt>?" and grades yes-like 1, no-like 0, else 0.5."""
@@ -1308,6 +1330,82 @@ def leave_one_out_diversity(feats: torch.Tensor, group_size: int) -> torch.Tenso
     return (dist_.sum(-1) / max(group_size - 1, 1)).flatten()
 
 
+# LPIPS v0.1 with the AlexNet trunk (Zhang et al. 2018; the lpips package's LPIPS(net="alex"), which the public
+# diversity_scorer.py calls), written out here: torchvision is not one of our dependencies. Weights are read from two
+# local files under their usual names: torchvision's AlexNet (features.{0,3,6,8,10}.weight/bias; classifier.* ignored)
+# and lpips' v0.1 heads (lin{0..4}.model.1.weight, (1, C, 1, 1)).
+LPIPS_CONVS = {"0": (3, 64, 11, 4, 2), "3": (64, 192, 5, 1, 2), "6": (192, 384, 3, 1, 1), "8": (384, 256, 3, 1, 1),
+               "10": (256, 256, 3, 1, 1)}  # torchvision AlexNet features index: (in, out, kernel, stride, padding)
+LPIPS_SHIFT, LPIPS_SCALE = (-0.030, -0.088, -0.188), (0.458, 0.448, 0.450)  # lpips ScalingLayer (v0.1)
+
+
+class LPIPS(nn.Module):
+    """Distance between images in [-1, 1]: at each of AlexNet's five ReLU outputs, features unit-normalised over
+    channels (eps 1e-10), squared difference, 1 x 1 linear head (no bias), spatial mean; summed over the layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.ModuleDict({k: nn.Conv2d(i, o, kk, stride=s, padding=p)
+                                       for k, (i, o, kk, s, p) in LPIPS_CONVS.items()})
+        self.lins = nn.ModuleList(nn.Conv2d(c[1], 1, 1, bias=False) for c in LPIPS_CONVS.values())
+        self.register_buffer("shift", torch.tensor(LPIPS_SHIFT)[None, :, None, None], persistent=False)
+        self.register_buffer("scale", torch.tensor(LPIPS_SCALE)[None, :, None, None], persistent=False)
+
+    def taps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """(B, 3, H, W) -> the five ReLU outputs, each unit-normalised over channels."""
+        if min(x.shape[-2:]) < 32:
+            raise ValueError(f"LPIPS (AlexNet) needs images of at least 32 px a side, got {tuple(x.shape[-2:])}")
+        f, h, out = self.features, (x.float() - self.shift) / self.scale, []
+        for k in LPIPS_CONVS:
+            if k in ("3", "6"):  # AlexNet's max pools sit before the second and third convolutions
+                h = F.max_pool2d(h, 3, 2)
+            h = F.relu(f[k](h))
+            out.append(h / (h.pow(2).sum(1, keepdim=True).sqrt() + 1e-10))
+        return out
+
+    def pairwise(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, B) LPIPS between all pairs of x, from one feature pass: with head weights w per channel,
+        mean_hw sum_c w (a - b)^2 = <w a, a> + <w b, b> - 2 <w a, b> (averaged over positions)."""
+        d = x.new_zeros(x.shape[0], x.shape[0], dtype=torch.float32)
+        for f, lin in zip(self.taps(x), self.lins):
+            w = lin.weight.flatten().float()  # (C,)
+            hw = f.shape[2] * f.shape[3]
+            cross = torch.einsum("bchw,c,dchw->bd", f, w, f) / hw
+            sq = cross.diagonal()
+            d = d + sq[:, None] + sq[None, :] - 2 * cross
+        return d.clamp(min=0).fill_diagonal_(0)
+
+
+def load_lpips(alexnet_path: str, lin_path: str) -> LPIPS:
+    """Strict: every AlexNet feature key and every head, shapes checked; only torchvision's classifier.* may be extra."""
+    def read(path):
+        if path.endswith(".safetensors"):
+            return read_safetensors(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"LPIPS weights not found: {path}")
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"cannot read {path}: {e}") from None
+    net = LPIPS()
+    trunk = {k: v for k, v in read(alexnet_path).items() if not k.startswith("classifier.")}
+    heads = read(lin_path)
+    trunk_keys = {k: v.shape for k, v in net.state_dict().items() if k.startswith("features.")}
+    check_keys(trunk_keys, {k: v.shape for k, v in trunk.items()}, alexnet_path)
+    head_keys = {f"lin{i}.model.1.weight": lin.weight.shape for i, lin in enumerate(net.lins)}
+    check_keys(head_keys, {k: v.shape for k, v in heads.items()}, lin_path)
+    net.load_state_dict({**trunk, **{f"lins.{i}.weight": heads[f"lin{i}.model.1.weight"]
+                                     for i in range(len(net.lins))}}, strict=True)
+    return net.eval().requires_grad_(False)
+
+
+def lpips_diversity(lpips: LPIPS, images: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(B,) mean LPIPS of each image to the other images of its group (groups contiguous); one feature pass per
+    group, so G (G - 1) / 2 pairs cost G AlexNet passes (the public loop runs both images of every pair)."""
+    out = [lpips.pairwise(g).sum(1) / max(group_size - 1, 1) for g in images.split(group_size)]
+    return torch.cat(out).cpu()
+
+
 def character_reward(scorer: Scorer, images: list, metas: list[dict], ref_feats: torch.Tensor, cfg: Config,
                      group_size: int) -> dict[str, torch.Tensor]:
     """Per-image reward components and the weighted total (B,). metas: the prompt dict of each image."""
@@ -1322,7 +1420,7 @@ def character_reward(scorer: Scorer, images: list, metas: list[dict], ref_feats:
     feats = scorer.features(images)
     sim = (feats @ ref_feats.T).max(1).values  # max cosine to the character's training images
     pen = dino_penalty(sim, cfg.dino_high, cfg.dino_low)
-    div = leave_one_out_diversity(feats, group_size)
+    div = scorer.diversity(images, feats, group_size)
     total = cfg.w_vqa * vqa + cfg.w_clip * clip + cfg.w_div * div + cfg.w_dino * pen
     return {"reward": total, "r_vqa": vqa, "r_clip": clip, "r_div": div, "p_dino": pen, "dino_sim": sim}
 
@@ -1557,7 +1655,6 @@ def check_config(cfg: Config, d: common.Dist) -> None:
 
 def train(cfg: Config) -> None:
     d = common.init_dist(cfg.device)
-    cfg = resolve_config(cfg)
     check_config(cfg, d)
     dtype, reason = common.pick_dtype(d.device, cfg.dtype)
     common.print0(f"dtype {dtype} ({reason}); stage {cfg.stage}; {d.world_size} rank(s)")
@@ -1683,7 +1780,6 @@ def evaluate(cfg: Config) -> dict:
     0.4-1) over the character's prompts, group_size images each. RoleScape-20's metric code is not public; this is
     the training reward as a metric. Writes <out_dir>/eval.json."""
     d = common.init_dist(cfg.device)
-    cfg = resolve_config(cfg)
     dtype, _ = common.pick_dtype(d.device, cfg.dtype)
     models = load_inference_models(cfg, d.device, dtype)
     data = load_character(models, character_folder(cfg), cfg.image_size)
@@ -1795,13 +1891,12 @@ def main(argv=None):
     parser.add_argument("--reference-image", metavar="IMAGE", help="--role-play: an image the user shows")
     common.add_config_args(parser, Config)
     args = parser.parse_args(argv)
-    cfg = common.config_from_args(Config, args)
+    cfg = resolve_config(common.config_from_args(Config, args), common.given_fields(Config, parser, argv))
     if args.train:
         return train(cfg)
     if args.evaluate:
         return evaluate(cfg)
     device = common.init_dist(cfg.device).device
-    cfg = resolve_config(cfg)
     models = load_inference_models(cfg, device, common.pick_dtype(device, cfg.dtype)[0])
     generator = common.step_generator(cfg.seed, device=device)
     folder = os.path.join(cfg.out_dir, "generate")

@@ -359,6 +359,73 @@ def test_reward_terms_on_hand_made_values():
     assert torch.equal(adv[4:], torch.zeros(4))
 
 
+def write_lpips_files(folder, seed=0):
+    """Random LPIPS weights saved under the real files' key names: torchvision's AlexNet state dict (with a
+    classifier entry, which the loader ignores) and lpips' v0.1 heads lin{i}.model.1.weight (1, C, 1, 1)."""
+    g = torch.Generator().manual_seed(seed)
+    alex = {}
+    for k, (i, o, kk, _, _) in U.LPIPS_CONVS.items():
+        alex[f"features.{k}.weight"] = torch.randn(o, i, kk, kk, generator=g) * (2 / (i * kk * kk)) ** 0.5
+        alex[f"features.{k}.bias"] = torch.randn(o, generator=g) * 0.1
+    alex["classifier.1.weight"] = torch.zeros(4, 4)
+    lins = {f"lin{n}.model.1.weight": torch.rand(1, c[1], 1, 1, generator=g)
+            for n, c in enumerate(U.LPIPS_CONVS.values())}
+    paths = str(folder / "alexnet.pth"), str(folder / "alex_lin.pth")
+    torch.save(alex, paths[0])
+    torch.save(lins, paths[1])
+    return paths
+
+
+def naive_lpips(alex: dict, lins: dict, a: torch.Tensor, b: torch.Tensor) -> float:
+    """LPIPS of one pair written out from the file weights: scaling layer, AlexNet with its ReLU taps, each tap
+    divided by its channel norm, squared difference, 1 x 1 conv with the head, mean over positions, sum."""
+    F = torch.nn.functional
+    shift = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
+    scale = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
+    def taps(x):
+        x = (x[None] - shift) / scale
+        out = []
+        for k, (_, _, _, s, p) in U.LPIPS_CONVS.items():
+            if k in ("3", "6"):
+                x = F.max_pool2d(x, kernel_size=3, stride=2)
+            x = torch.relu(F.conv2d(x, alex[f"features.{k}.weight"], alex[f"features.{k}.bias"], stride=s, padding=p))
+            out.append(x)
+        return out
+    total = 0.0
+    for n, (fa, fb) in enumerate(zip(taps(a), taps(b))):
+        na = fa / (torch.sqrt((fa ** 2).sum(1, keepdim=True)) + 1e-10)
+        nb = fb / (torch.sqrt((fb ** 2).sum(1, keepdim=True)) + 1e-10)
+        total += float(F.conv2d((na - nb) ** 2, lins[f"lin{n}.model.1.weight"]).mean())
+    return total
+
+
+def test_lpips_matches_the_formula_and_loads_the_real_key_names(tmp_path):
+    paths = write_lpips_files(tmp_path)
+    net = U.load_lpips(*paths)
+    alex, lins = (torch.load(p, weights_only=True) for p in paths)
+    x = torch.rand(4, 3, 48, 40, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        d = net.pairwise(x)
+    for i in range(4):
+        for j in range(4):
+            torch.testing.assert_close(float(d[i, j]), naive_lpips(alex, lins, x[i], x[j]) if i != j else 0.0,
+                                       atol=1e-5, rtol=1e-4)
+    assert float(d[0, 1]) > 0
+    div = U.lpips_diversity(net, x, 2)
+    torch.testing.assert_close(div, torch.stack([d[0, 1], d[1, 0], d[2, 3], d[3, 2]]))
+    lins.pop("lin4.model.1.weight")
+    lins["lin5.model.1.weight"] = torch.zeros(1, 8, 1, 1)
+    torch.save(lins, paths[1])
+    with pytest.raises(ValueError, match=r"missing \(1\): lin4.model.1.weight; unexpected \(1\): lin5"):
+        U.load_lpips(*paths)
+    alex["features.8.weight"] = torch.zeros(256, 384, 5, 5)
+    torch.save(alex, paths[0])
+    with pytest.raises(ValueError, match=r"features.8.weight: file \(256, 384, 5, 5\)"):
+        U.load_lpips(*paths)
+    with pytest.raises(ValueError, match="at least 32 px"):
+        net.pairwise(torch.zeros(2, 3, 16, 16))
+
+
 def test_real_scorer_runs_with_transformers_classes(tmp_path):
     """The real reward path (BLIP-VQA, CLIP, DINOv2 through transformers, loaded from local folders) on tiny random
     models saved to disk: checks the wiring and the output format, not accuracy."""
@@ -387,8 +454,10 @@ def test_real_scorer_runs_with_transformers_classes(tmp_path):
                   CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))).save_pretrained(clip)
     Dinov2Model(Dinov2Config(**small, image_size=32, patch_size=16)).save_pretrained(dino)
     BitImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(dino)
-    cfg = U.Config(vqa_dir=vqa, clip_dir=clip, dino_dir=dino)
+    alexnet, lin = write_lpips_files(tmp_path)
+    cfg = U.Config(vqa_dir=vqa, clip_dir=clip, dino_dir=dino, lpips_alexnet=alexnet, lpips_lin=lin)
     scorer = U.Scorer(cfg, torch.device("cpu"), toy=False)
+    assert scorer.lpips is not None
     images = [Image.new("RGB", (40, 40), c) for c in ((200, 10, 10), (10, 10, 200), (10, 200, 10), (90, 90, 90))]
     metas = [dict(prompt="Bo on a blue background", vqa_questions=U.toy_questions("blue", "left"))] * 2
     metas += [dict(prompt="Bo on a green background")] * 2  # no questions: the yes/no fallback
@@ -399,6 +468,10 @@ def test_real_scorer_runs_with_transformers_classes(tmp_path):
     assert torch.all((out["r_vqa"] >= 0) & (out["r_vqa"] <= 1)) and torch.all(out["p_dino"] <= 0)
     torch.testing.assert_close(out["reward"], 0.3 * out["r_vqa"] + 0.45 * out["r_clip"] + 0.1 * out["r_div"]
                                + 0.15 * out["p_dino"])
+    pixels = torch.stack([common.pil_to_tensor(im) for im in images])
+    torch.testing.assert_close(out["r_div"], U.lpips_diversity(scorer.lpips, pixels, 2))
+    with pytest.raises(ValueError, match="--lpips-lin"):
+        U.Scorer(U.Config(lpips_alexnet=alexnet), torch.device("cpu"), toy=True)
     with pytest.raises(FileNotFoundError, match="--dino-dir"):
         U.Scorer(U.Config(vqa_dir=vqa, clip_dir=clip), torch.device("cpu"), toy=False)
 
