@@ -13,9 +13,10 @@ Sections:
                 group, and a whole ReReFL step (sampling, one step with gradient, VAE decode, face nets, MIMR):
                 seconds, peak memory and model FLOP utilisation. --size flux-12b is the real architecture
                 (needs a large GPU); --size tiny is the embedded default's model (any device).
-    unirl       Janus-Pro through unirl.sample_image_tokens (the rollout: KV-cached CFG decoding of 576 image tokens
-                for a group of 8, i.e. 16 rows) and the GRPO update's re-scoring forward + backward: seconds, ms per
-                token step, images/s, MFU, peak memory. --size janus-1b / janus-7b (random weights, GPU) or tiny.
+    unirl       Janus-Pro through unirl.sample_image_tokens (the rollout: static-KV-cache CFG decoding of 576 image
+                tokens for a group of 8, i.e. 16 rows, eager and with a replayed CUDA graph per step) and the GRPO
+                update's re-scoring forward + backward: seconds, ms per token step, images/s, MFU, peak memory.
+                --size janus-1b / janus-7b (random weights, GPU) or tiny.
     unicharacter  BAGEL's MoT through unicharacter.py: prompt prefill, one text-CFG flow step of a group of 8 at
                 1024 px (4096 latent tokens, 2 x 8 rows), the GRPO update of one sample's CFG pair (full generation
                 expert, gradient checkpointing), text decoding (weight-read bandwidth). --size bagel-7b or tiny.
@@ -261,14 +262,17 @@ def bench_unirl(device: torch.device, repeats: int = 3, size: str = "tiny", grou
     t = models.num_image_tokens
     context = unirl.generation_inputs(models, prompts)[0].shape[1]
     rows = []
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     generator = torch.Generator(device).manual_seed(0)
-    s = median_ms(lambda: unirl.sample_image_tokens(models, prompts, 5.0, 1.0, generator), device, repeats, 1) / 1e3
     flops = janus_flops(lm.config, 2 * group, context, t)
-    rows.append({"section": "unirl", "size": size, "what": f"rollout: {t} image tokens, group {group} + CFG",
-                 "s": round(s, 4), "ms_per_token": round(1e3 * s / t, 2), "images_per_s": round(group / s, 3),
-                 "mfu": round(flops / s / PEAK_BF16_FLOPS, 4), "peak_gb": round(common.peak_memory_gb(device), 1)})
+    for graphs in (False, True):  # the eager loop is launch-bound; a replayed CUDA graph per step removes that
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        s = median_ms(lambda: unirl.sample_image_tokens(models, prompts, 5.0, 1.0, generator, graphs),
+                      device, repeats, 1) / 1e3
+        how = "CUDA graph per step" if graphs else "eager steps"
+        rows.append({"section": "unirl", "size": size, "what": f"rollout: {t} image tokens, group {group} + CFG, {how}",
+                     "s": round(s, 4), "ms_per_token": round(1e3 * s / t, 2), "images_per_s": round(group / s, 3),
+                     "mfu": round(flops / s / PEAK_BF16_FLOPS, 4), "peak_gb": round(common.peak_memory_gb(device), 1)})
 
     common.inject_lora(models.model, ["*language_model*_proj"], rank=32, alpha=64.0, dtype=dtype)
     models.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -97,11 +97,21 @@ def config_from_args(cls, args: argparse.Namespace):
     return cls(**values)
 
 
-def apply_toy_settings(cfg, settings: dict, note: str):
-    """The embedded default's config: each of `settings` replaces its field where the field still equals the
-    dataclass default (a flag the user changed wins). Prints `note` and every replacement."""
+def given_fields(cls, parser: argparse.ArgumentParser, argv: list[str] | None) -> frozenset[str]:
+    """The fields of `cls` whose flag appears in `argv`: argparse only fills an attribute that the namespace lacks
+    or that a parsed flag sets, so the ones still holding the marker were not given."""
+    unset = object()
+    marked = argparse.Namespace(**{f.name: unset for f in dataclasses.fields(cls)})
+    namespace = parser.parse_args(argv, namespace=marked)
+    return frozenset(f.name for f in dataclasses.fields(cls) if getattr(namespace, f.name) is not unset)
+
+
+def apply_toy_settings(cfg, settings: dict, note: str, given: frozenset[str] = frozenset()):
+    """The embedded default's config: each of `settings` replaces its field unless the field is in `given` (the
+    flags typed on the command line, see given_fields) or differs from the dataclass default (set in Python).
+    Prints `note` and every replacement."""
     defaults = type(cfg)()
-    changes = {k: v for k, v in settings.items() if getattr(cfg, k) == getattr(defaults, k)}
+    changes = {k: v for k, v in settings.items() if k not in given and getattr(cfg, k) == getattr(defaults, k)}
     print0(note + (": " + ", ".join(f"{k} {getattr(cfg, k)} -> {v}" for k, v in changes.items()) if changes else ""))
     return dataclasses.replace(cfg, **changes)
 
@@ -731,8 +741,11 @@ def sample_tokens(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
     The log-prob is that of the temperature/top-k distribution actually sampled from, which is what a policy
     gradient needs; token_logprobs re-scores with the same processing, so the first ratio is exactly 1."""
     logp = _process_logits(logits, temperature, top_k)
-    flat = logp.reshape(-1, logp.shape[-1])
-    tokens = torch.multinomial(flat.exp(), 1, generator=generator).reshape(logp.shape[:-1])
+    # Exponential race (the Gumbel-max trick): argmax_i p_i / E_i with E_i ~ Exp(1) is i with probability p_i. Unlike
+    # torch.multinomial, which validates its input with a host read, it never syncs, so it can run in a CUDA graph.
+    # The clamp keeps a zero draw from turning a masked (-inf) token into NaN.
+    exponential = torch.empty_like(logp).exponential_(generator=generator).clamp_min_(torch.finfo(logp.dtype).tiny)
+    tokens = (logp - exponential.log()).argmax(-1)
     return tokens, logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
@@ -745,6 +758,71 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
 def cfg_logits(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
     """CFG on logits (Janus-Pro): uncond + w (cond - uncond)."""
     return uncond + scale * (cond - uncond)
+
+
+@torch.no_grad()
+def decode_tokens(lm: nn.Module, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, num_steps: int,
+                  step, generator: torch.Generator | None = None, cuda_graph: bool = False) -> None:
+    """Token-by-token decoding with a static KV cache, the loop behind image-token and caption sampling.
+
+    lm: a transformers decoder called with inputs_embeds / attention_mask / position_ids / past_key_values
+    (LlamaModel in Janus, Qwen2_5_VLTextModel). embeds (B, L, D): the left-padded prefix; mask (B, L): 1 on real
+    tokens; positions (B, L), or (3, B, L) for M-RoPE: each new token takes the last position + 1.
+    step(hidden, index) samples token `index` (a 0-dim device tensor) from the last hidden states (B, D), writes it
+    into the caller's buffers with index ops (no host reads) and returns the next input embeddings (B, 1, D). It
+    runs num_steps times; the model runs on the prefix and then num_steps - 1 times on one token.
+
+    Every decode step has the same shapes (a cache of L + num_steps - 1 slots, a boolean mask over all of them, the
+    counters on the device), so with cuda_graph=True one step is captured as a CUDA graph and replayed: an eager
+    7B step launches about a thousand small kernels and is bound by their launch cost, not by memory bandwidth.
+    The graph draws from `generator` (registered with the graph) exactly as the eager loop does."""
+    from transformers import StaticCache
+
+    batch, length = mask.shape
+    total = length + num_steps - 1
+    device = embeds.device
+    cache = StaticCache(config=lm.config, max_cache_len=total)
+    slots = torch.arange(total, device=device)
+    valid = F.pad(mask.bool(), (0, total - length))  # (B, total): the real prefix tokens
+    query = slots[:length, None]
+    # prefix (B, 1, L, total): causal, padding hidden; a padding query sees itself so no softmax row is empty
+    prefix_mask = (slots <= query) & (valid[:, None, :] | (slots == query))
+    hidden = lm(inputs_embeds=embeds, attention_mask=prefix_mask[:, None], position_ids=positions,
+                past_key_values=cache, use_cache=True).last_hidden_state[:, -1].clone()
+    step_mask = valid[:, None, None, :].clone()  # (B, 1, 1, total): grows by one slot per step
+    position = positions[..., -1:].clone()
+    index = torch.zeros((), dtype=torch.long, device=device)
+    slot = torch.full((1,), length, dtype=torch.long, device=device)
+
+    def advance():
+        inputs = step(hidden, index).to(embeds.dtype)
+        step_mask.index_fill_(-1, slot, True)
+        position.add_(1)
+        out = lm(inputs_embeds=inputs, attention_mask=step_mask, position_ids=position, past_key_values=cache,
+                 use_cache=True).last_hidden_state
+        hidden.copy_(out[:, -1])
+        index.add_(1)
+        slot.add_(1)
+
+    warmup = 2  # eager steps before capture (lazy inits, cuBLAS workspaces); they are real steps
+    if not (cuda_graph and device.type == "cuda" and num_steps - 1 > warmup):
+        for _ in range(num_steps - 1):
+            advance()
+    else:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                advance()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        if generator is not None:
+            graph.register_generator_state(generator)
+        with torch.cuda.graph(graph):  # records one step without running it
+            advance()
+        for _ in range(num_steps - 1 - warmup):
+            graph.replay()
+    step(hidden, index)
 
 
 # -----------------------------------------------------------------------------

@@ -103,12 +103,13 @@ TOY_SETTINGS = dict(resolution=16, num_steps=8, guidance=1.0, grad_window=3, lor
                     batch_size=2, grad_checkpointing=False)
 
 
-def resolve_config(cfg: Config) -> Config:
-    """The config a run uses: with no --flux-dir, the toy's settings for every flag left at its default (printed)."""
+def resolve_config(cfg: Config, given: frozenset[str] = frozenset()) -> Config:
+    """The config a run uses: with no --flux-dir, the toy's settings for every field that is neither
+    typed on the command line (`given`) nor changed from its default (printed)."""
     if cfg.flux_dir is not None:
         return cfg
     note = "embedded default (no --flux-dir): tiny FLUX/VAE/CLIP/T5/ArcFace, synthetic identities, slot detector"
-    return common.apply_toy_settings(cfg, TOY_SETTINGS, note)
+    return common.apply_toy_settings(cfg, TOY_SETTINGS, note, given)
 
 
 # -----------------------------------------------------------------------------
@@ -1230,7 +1231,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help="output path for --generate (PNG) or --evaluate (JSON)")
     common.add_config_args(parser, Config)
     args = parser.parse_args(argv)
-    cfg = resolve_config(common.config_from_args(Config, args))
+    cfg = resolve_config(common.config_from_args(Config, args), common.given_fields(Config, parser, argv))
     if cfg.algorithm not in ("rerefl", "grpo"):
         parser.error(f"--algorithm must be rerefl or grpo, got {cfg.algorithm!r}")
     if args.train:

@@ -65,7 +65,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import transformers
-from transformers import (DynamicCache, JanusConfig, JanusForConditionalGeneration, JanusImageProcessorPil,
+from transformers import (JanusConfig, JanusForConditionalGeneration, JanusImageProcessorPil,
                           JanusProcessor, JanusVisionConfig, JanusVQVAEConfig, LlamaConfig, PreTrainedTokenizerFast)
 
 import common
@@ -93,6 +93,7 @@ class Config:
     group_size: int = 8  # images per prompt (paper appendix: group 8 for Janus)
     cfg_scale: float = 5.0  # logit CFG weight (Janus-Pro generation_inference.py cfg_weight)
     temperature: float = 1.0  # image-token sampling temperature (Janus-Pro generation_inference.py)
+    cuda_graphs: bool = True  # replay each image-token decode step as a CUDA graph (CUDA only; eager elsewhere)
     max_answer_tokens: int = 48  # greedy answer length (released Show-o MMU code: 100)
     # ---- reward
     detector_dir: str | None = None  # local OWLv2 or Grounding DINO folder (--evaluate with real weights)
@@ -132,11 +133,12 @@ TOY_SETTINGS = dict(lr=3e-3, max_steps=60, train_prompts=6, prompts_per_rank=6, 
                     lora_alpha=16.0, sample_every=10, save_every=20, eval_num_prompts=48, max_answer_tokens=16)
 
 
-def resolve_config(cfg: Config) -> Config:
-    """The config a run uses: with no --model-dir, the toy's settings for every flag left at its default (printed)."""
+def resolve_config(cfg: Config, given: frozenset[str] = frozenset()) -> Config:
+    """The config a run uses: with no --model-dir, the toy's settings for every field that is neither
+    typed on the command line (`given`) nor changed from its default (printed)."""
     if cfg.model_dir is not None:
         return cfg
-    return common.apply_toy_settings(cfg, TOY_SETTINGS, "embedded toy settings")
+    return common.apply_toy_settings(cfg, TOY_SETTINGS, "embedded toy settings", given)
 
 
 # -----------------------------------------------------------------------------
@@ -705,30 +707,28 @@ def score_image_tokens(models: Models, prompts: list[str], tokens: torch.Tensor,
 
 @torch.no_grad()
 def sample_image_tokens(models: Models, prompts: list[str], cfg_scale: float, temperature: float,
-                        generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Autoregressive image tokens with logit CFG and a KV cache: (tokens (B, T), log-probs (B, T)).
+                        generator: torch.Generator | None = None, cuda_graph: bool = False
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Autoregressive image tokens with logit CFG and a static KV cache: (tokens (B, T), log-probs (B, T)).
 
-    Conditional and unconditional rows run as one batch of 2B; both rows are fed the same sampled token. The
-    loop never reads a value back to the host, so on a GPU it runs without syncs."""
-    model, lm = models.model, models.model.model.language_model
+    Conditional and unconditional rows run as one batch of 2B; both rows are fed the same sampled token. Nothing
+    is read back to the host, and with cuda_graph one decode step is a replayed CUDA graph (common.decode_tokens)."""
+    model = models.model
     embeds, mask, pos = generation_inputs(models, prompts)
     b, t = len(prompts), models.num_image_tokens
-    cache = DynamicCache(config=lm.config)
-    hidden = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                use_cache=True).last_hidden_state[:, -1]
-    tokens = torch.empty(b, t, dtype=torch.long, device=embeds.device)
-    logps = torch.empty(b, t, dtype=torch.float32, device=embeds.device)
-    for i in range(t):
+    tokens = torch.zeros(b, t, dtype=torch.long, device=embeds.device)
+    logps = torch.zeros(b, t, dtype=torch.float32, device=embeds.device)
+
+    def step(hidden, index):
         logits = model.model.generation_head(hidden).float()  # (2B, V): fp32 for the softmax and its log-prob
         guided = common.cfg_logits(logits[:b], logits[b:], cfg_scale)  # u + w (c - u), then / temperature
-        tokens[:, i], logps[:, i] = common.sample_tokens(guided, temperature, generator=generator)
-        if i == t - 1:
-            break
+        token, logp = common.sample_tokens(guided, temperature, generator=generator)
+        tokens.index_copy_(1, index[None], token[:, None])
+        logps.index_copy_(1, index[None], logp[:, None])
         # image tokens enter through Janus's generation embedding + aligner, not the text embedding table
-        step = model.prepare_embeddings_for_image_generation(tokens[:, i].repeat(2))[:, None]  # (2B, 1, D)
-        mask, pos = torch.cat([mask, mask.new_ones(2 * b, 1)], 1), pos[:, -1:] + 1
-        hidden = lm(inputs_embeds=step.to(embeds.dtype), attention_mask=mask, position_ids=pos, past_key_values=cache,
-                    use_cache=True).last_hidden_state[:, -1]
+        return model.prepare_embeddings_for_image_generation(token.repeat(2))[:, None]  # (2B, 1, D)
+
+    common.decode_tokens(model.model.language_model, embeds, mask, pos, t, step, generator, cuda_graph)
     return tokens, logps
 
 
@@ -816,7 +816,8 @@ class Rollout:
 def rollout(models: Models, cfg: Config, metas: list[dict], generator: torch.Generator) -> Rollout:
     """G images per prompt (a whole group on this rank), the model's answers about them, and their rewards."""
     metas = [m for m in metas for _ in range(cfg.group_size)]
-    tokens, logp = sample_image_tokens(models, [m["prompt"] for m in metas], cfg.cfg_scale, cfg.temperature, generator)
+    tokens, logp = sample_image_tokens(models, [m["prompt"] for m in metas], cfg.cfg_scale, cfg.temperature, generator,
+                                       cfg.cuda_graphs)
     images = decode_images(models, tokens)
     rewards, answers, unparsed = reward(models, images, metas, cfg)
     return Rollout(metas, tokens, logp, images, answers, rewards, unparsed)
@@ -989,7 +990,6 @@ def held_out_prompts(path: str | None) -> frozenset[str]:
 
 def train(cfg: Config) -> None:
     d = common.init_dist(cfg.device)
-    cfg = resolve_config(cfg)
     if cfg.algo not in ("grpo", "sft"):
         raise ValueError(f"--algo must be grpo or sft, got {cfg.algo!r}")
     dtype, reason = common.pick_dtype(d.device, cfg.dtype)
@@ -1140,7 +1140,6 @@ def evaluate(cfg: Config) -> dict:
     """GenEval-style accuracy per tag and overall (mean of the tags), plus the model's own judgement of the same
     images (self_reward). Toy: the stand-in detector reads the tokens. Writes <out_dir>/eval.json."""
     d = common.init_dist(cfg.device)
-    cfg = resolve_config(cfg)
     dtype, _ = common.pick_dtype(d.device, cfg.dtype)
     models = load_inference_models(cfg, d.device, dtype)
     if cfg.eval_prompts:
@@ -1156,7 +1155,8 @@ def evaluate(cfg: Config) -> dict:
     for index in range(d.rank, len(metas), d.world_size):  # prompts sharded by rank
         meta, n = metas[index], cfg.eval_images_per_prompt
         generator = common.step_generator(cfg.seed, -1, index, device=d.device)  # step -1: never a training draw
-        tokens, _ = sample_image_tokens(models, [meta["prompt"]] * n, cfg.cfg_scale, cfg.temperature, generator)
+        tokens, _ = sample_image_tokens(models, [meta["prompt"]] * n, cfg.cfg_scale, cfg.temperature, generator,
+                                           cfg.cuda_graphs)
         images = decode_images(models, tokens)
         if models.toy:
             correct = [toy_correct(meta, t) for t in tokens.tolist()]
@@ -1203,7 +1203,8 @@ def generate(models: Models, cfg: Config, prompt: str, generator: torch.Generato
     """group_size images for a prompt (CFG, temperature as in training)."""
     if not prompt.strip():
         raise ValueError("the prompt is empty")
-    tokens, _ = sample_image_tokens(models, [prompt] * cfg.group_size, cfg.cfg_scale, cfg.temperature, generator)
+    tokens, _ = sample_image_tokens(models, [prompt] * cfg.group_size, cfg.cfg_scale, cfg.temperature, generator,
+                                    cfg.cuda_graphs)
     return decode_images(models, tokens)
 
 
@@ -1228,14 +1229,13 @@ def main(argv=None):
     mode.add_argument("--ask", nargs=2, metavar=("IMAGE", "QUESTION"), help="answer a question about an image")
     common.add_config_args(parser, Config)
     args = parser.parse_args(argv)
-    cfg = common.config_from_args(Config, args)
+    cfg = resolve_config(common.config_from_args(Config, args), common.given_fields(Config, parser, argv))
     if args.train:
         train(cfg)
     elif args.evaluate:
         evaluate(cfg)
     else:
         device = common.init_dist(cfg.device).device
-        cfg = resolve_config(cfg)
         models = load_inference_models(cfg, device, common.pick_dtype(device, cfg.dtype)[0])
         if args.generate is not None:
             images = generate(models, cfg, args.generate, common.step_generator(cfg.seed, device=device))

@@ -164,3 +164,59 @@ def test_token_sampling_frequencies_follow_probabilities():
     tokens, _ = common.sample_tokens(logits, generator=torch.Generator().manual_seed(0))
     freq = torch.bincount(tokens, minlength=4).float() / 40000
     torch.testing.assert_close(freq, torch.softmax(logits[0], -1), rtol=0, atol=0.01)
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaModel
+
+    config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return LlamaModel(config).eval()
+
+
+def _sampled_with_decode_tokens(lm, prefixes, num_steps, seed, cuda_graph=False):
+    """Left-pads the prefixes, then samples through common.decode_tokens; returns (tokens, log-probs)."""
+    device = next(lm.parameters()).device
+    width = max(map(len, prefixes))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prefixes], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prefixes], device=device)
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    tokens = torch.zeros(len(prefixes), num_steps, dtype=torch.long, device=device)
+    logps = torch.zeros(len(prefixes), num_steps, device=device)
+    generator = torch.Generator(device).manual_seed(seed)
+
+    def step(hidden, index):
+        token, logp = common.sample_tokens(hidden @ lm.embed_tokens.weight.T, 0.8, generator=generator)
+        tokens.index_copy_(1, index[None], token[:, None])
+        logps.index_copy_(1, index[None], logp[:, None])
+        return lm.embed_tokens(token)[:, None]
+
+    common.decode_tokens(lm, lm.embed_tokens(ids), mask, positions, num_steps, step, generator, cuda_graph)
+    return tokens, logps
+
+
+def test_static_cache_decoding_matches_full_recomputation():
+    lm = _tiny_llama()
+    prefixes = [[5, 7, 9, 11, 2], [3, 4], [8]]  # left padding of 0, 3 and 4 slots
+    tokens, logps = _sampled_with_decode_tokens(lm, prefixes, num_steps=6, seed=1)
+    with torch.no_grad():
+        for row, prefix in enumerate(prefixes):  # each sequence alone, no padding, no cache, re-run per token
+            for t in range(tokens.shape[1]):
+                ids = torch.tensor([prefix + tokens[row, :t].tolist()])
+                logits = lm(input_ids=ids).last_hidden_state[0, -1] @ lm.embed_tokens.weight.T
+                expected = torch.log_softmax(logits / 0.8, -1)[tokens[row, t]]
+                torch.testing.assert_close(logps[row, t], expected, atol=1e-5, rtol=0)
+    again, _ = _sampled_with_decode_tokens(lm, prefixes, num_steps=6, seed=1)
+    assert torch.equal(again, tokens)  # the seed fixes the draw
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_decoding_draws_what_the_eager_loop_draws():
+    lm = _tiny_llama().cuda()
+    prefixes = [[5, 7, 9, 11, 2], [3, 4]]
+    eager = _sampled_with_decode_tokens(lm, prefixes, num_steps=12, seed=3, cuda_graph=False)
+    graph = _sampled_with_decode_tokens(lm, prefixes, num_steps=12, seed=3, cuda_graph=True)
+    assert torch.equal(graph[0], eager[0])
+    torch.testing.assert_close(graph[1], eager[1])

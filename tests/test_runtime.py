@@ -55,6 +55,19 @@ def test_toy_settings_replace_only_fields_left_at_their_default(capsys):
     assert capsys.readouterr().out.strip() == "toy: lora_rank 64 -> 8"
 
 
+def test_a_flag_typed_with_its_default_value_beats_the_toy_setting(capsys):
+    parser = argparse.ArgumentParser()
+    common.add_config_args(parser, ToyConfig)
+    argv = ["--lora-rank=64", "--use-kl", "--resolutions", "512", "768"]  # every value equals the dataclass default
+    given = common.given_fields(ToyConfig, parser, argv)
+    assert given == {"lora_rank", "use_kl", "resolutions"}
+    cfg = common.config_from_args(ToyConfig, parser.parse_args(argv))
+    toy = {"lora_rank": 8, "use_kl": False, "resolutions": (16,), "lr": 1e-2}
+    assert common.apply_toy_settings(cfg, toy, "toy", given) == ToyConfig(lr=1e-2)
+    assert common.apply_toy_settings(cfg, toy, "toy") == ToyConfig(lora_rank=8, use_kl=False, resolutions=(16,), lr=1e-2)
+    assert common.given_fields(ToyConfig, parser, []) == set()
+
+
 def test_atomic_save_keeps_previous_file_when_write_fails(tmp_path):
     path = str(tmp_path / "ckpt.pt")
     common.atomic_save(path, lambda tmp: torch.save({"step": 1}, tmp))
