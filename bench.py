@@ -20,6 +20,10 @@ Sections:
     unicharacter  BAGEL's MoT through unicharacter.py: prompt prefill, one text-CFG flow step of a group of 8 at
                 1024 px (4096 latent tokens, 2 x 8 rows), the GRPO update of one sample's CFG pair (full generation
                 expert, gradient checkpointing), text decoding (weight-read bandwidth). --size bagel-7b or tiny.
+    uae         UAE through uae.py: a group of 8 captions of one image from Qwen2.5-VL-3B (KV-cached token steps: ms
+                per step against the HBM bound, weights + KV cache read / 3.0 TB/s), one SD3.5-Large denoising step of
+                the group with CFG (batch 16) at 512 px, the stage-3 update (forward + backward; the whole
+                decoder_grpo_step per trained step). --size full (random weights, GPU) or tiny.
 
 Prints the environment, a table, then one JSON line (the last line of stdout) that scripts can parse.
 Requires common.py next to it.
@@ -405,10 +409,159 @@ def bench_unicharacter(device: torch.device, repeats: int = 3, size: str = "tiny
 
 
 # -----------------------------------------------------------------------------
+# uae: Qwen2.5-VL-3B caption decoding, an SD3.5-Large denoising step of a group with CFG, the stage-3 update
+
+QWEN25_VL_3B = dict(  # Qwen2.5-VL-3B-Instruct's config.json: the UAE encoder (hidden 2048 feeds the projector)
+    text_config=dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+                     num_key_value_heads=2, vocab_size=151936, max_position_embeddings=128000, rms_norm_eps=1e-6,
+                     rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}, tie_word_embeddings=True),
+    vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
+                       patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                       fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2),
+    tie_word_embeddings=True)
+SD35_LARGE = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64,
+                  num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
+                  pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192, qk_norm="rms_norm")
+HBM_BYTES_PER_S = 3.0e12  # one H100 (reference/performance.md)
+
+
+def _built(device: torch.device, dtype: torch.dtype, make):
+    """make() with parameters created directly on the device in the dtype (random init, no fp32 copy)."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return make()
+    finally:
+        torch.set_default_dtype(default)
+
+
+def _uae_of_size(size: str, device: torch.device, dtype: torch.dtype):
+    """uae.Models: the embedded toy's tiny models (random), or Qwen2.5-VL-3B + projector + SD3.5-Large with random
+    weights (the toy's tokenizer and chat template: prompts only need token ids)."""
+    import uae
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
+
+    models = uae.toy_models()
+    if size != "tiny":
+        tok = models.tokenizer
+        special = {k: tok.convert_tokens_to_ids(t) for k, t in (("image_token_id", "<|image_pad|>"),
+                   ("video_token_id", "<|video_pad|>"), ("vision_start_token_id", "<|vision_start|>"),
+                   ("vision_end_token_id", "<|vision_end|>"))}
+        config = Qwen2_5_VLConfig(**QWEN25_VL_3B, **special)
+        models.llm = _built(device, dtype, lambda: Qwen2_5_VLForConditionalGeneration(config))
+        models.transformer = _built(device, dtype, lambda: SD3Transformer2DModel(**SD35_LARGE))
+        models.projector = _built(device, dtype, lambda: uae.make_projector(2048, 4096))
+        models.vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, layers_per_block=2,
+                                   block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                                   up_block_types=("UpDecoderBlock2D",) * 4, use_quant_conv=False,
+                                   use_post_quant_conv=False)  # SD3.5's VAE layout: 8x down, 16 channels
+        models.pooled = torch.randn(1, 2048)
+        models.image_processor = Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=65536)  # UAE's: 81 tokens
+    for m in (models.llm, models.projector, models.transformer, models.vae):
+        m.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    models.pooled = models.pooled.to(device, dtype)
+    return models
+
+
+def bench_uae(device: torch.device, repeats: int = 3, size: str = "tiny", group: int = 8,
+              caption_tokens: int = 256, resolution: int = 512, context_words: int = 300) -> list[dict]:
+    """uae.py's code paths: a group of `group` captions of one image (uae.sample_captions: prefill, then
+    caption_tokens KV-cached token steps), one CFG denoising step of the group through uae.velocity (2 x group rows,
+    the conditioning of a caption of about context_words tokens), and the stage-3 update of one trained step
+    (uae.decoder_grpo_step: old re-score, policy forward + backward with gradient checkpointing and DiT LoRA r32,
+    KL reference forward, AdamW). --size full: Qwen2.5-VL-3B and SD3.5-Large with random weights; tiny: the toy."""
+    import uae
+
+    dtype = common.pick_dtype(device)[0]
+    models = _uae_of_size(size, device, dtype)
+    if size == "tiny":
+        resolution, caption_tokens, context_words = uae.TOY_RES, 16, 20
+    rows = []
+
+    def row(what, s, target, **extra):
+        rows.append({"section": "uae", "size": size, "what": what, "s": round(s, 4),
+                     "ms_per_token": extra.get("ms_per_token"), "tokens_per_s": extra.get("tokens_per_s"),
+                     "hbm_bound_ms": extra.get("hbm_bound_ms"), "images_per_s": extra.get("images_per_s"),
+                     "target": target, "peak_gb": round(common.peak_memory_gb(device), 1)})
+
+    image = common.tensor_to_pil(torch.rand(3, 256, 256) * 2 - 1)
+    inputs = uae.caption_inputs(models, [image] * group)
+    generator = torch.Generator(device).manual_seed(0)
+    steps = []
+
+    def caption():
+        tokens, _ = uae.sample_captions(models, inputs, caption_tokens, 0.7, generator)
+        steps.append(tokens.shape[1])
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    s = median_ms(caption, device, repeats, 1) / 1e3
+    lm = models.lm
+    config = lm.config
+    weights = sum(m.weight.numel() for m in lm.layers.modules() if isinstance(m, torch.nn.Linear))
+    weights += models.llm.lm_head.weight.numel()
+    kv = 2 * config.num_hidden_layers * config.num_key_value_heads * (config.hidden_size // config.num_attention_heads)
+    context = inputs.ids.shape[1] + steps[-1] / 2  # mean cached length over the token steps
+    step_bytes = (weights + kv * group * context) * torch.finfo(dtype).bits / 8  # weights + KV cache read per step
+    row(f"caption: prefill + {steps[-1]} token steps, {group} rows", s, "<= 2x HBM bound per token step",
+        ms_per_token=round(1e3 * s / steps[-1], 2), tokens_per_s=round(group * steps[-1] / s, 1),
+        hbm_bound_ms=round(1e3 * step_bytes / HBM_BYTES_PER_S, 4))
+
+    text = " ".join(["big red square on white"] * (context_words // 5))
+    with torch.no_grad():
+        cond, pooled = uae.condition(models, [text] * group)  # (2 group, L, 4096): [negative; positive]
+    c, h, w = uae.latent_shape(models, resolution)
+    x = torch.randn(group, c, h, w, device=device)
+
+    def denoise():
+        with torch.no_grad():
+            uae.velocity(models, x, 0.7, cond, pooled, 5.0)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    s = median_ms(denoise, device, repeats) / 1e3
+    row(f"denoising step, group {group} + CFG (batch {2 * group}), {resolution}px, {cond.shape[1]} context tokens",
+        s, "<= 0.27 s (full)", images_per_s=round(group / (10 * s), 3))
+
+    cfg = uae.Config(num_steps=10, noise_level=0.7, guidance=5.0, beta_decoder=0.04, grad_checkpointing=True)
+    common.inject_lora(models.transformer, list(uae.SD3_LORA_TARGETS), cfg.dit_lora_rank, cfg.dit_lora_alpha,
+                       init="gaussian")
+    models.transformer.to(device).enable_gradient_checkpointing()
+    params = common.lora_parameters(models.transformer)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr_decoder, weight_decay=cfg.weight_decay)
+    sigmas = uae.sigmas_for(models, cfg.num_steps, resolution)
+    batch = {"latents": torch.randn(cfg.num_steps + 1, group, c, h, w, device=device), "sigmas": sigmas,
+             "log_probs": torch.zeros(1, group, device=device), "train_steps": [1], "cond": cond, "pooled": pooled}
+    advantages = torch.randn(group, device=device)
+
+    def backward_only():
+        models.transformer.train()
+        uae.velocity(models, x, 0.7, cond, pooled, 5.0).square().mean().backward()
+        for p in params:
+            p.grad = None
+        models.transformer.eval()
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    s = median_ms(backward_only, device, repeats, 1) / 1e3
+    row(f"stage-3 update: forward + backward of one step, group {group} + CFG, LoRA r32, grad ckpt", s,
+        "<= 0.80 s (full)")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    s = median_ms(lambda: uae.decoder_grpo_step(models, optimizer, cfg, batch, advantages), device, repeats, 1) / 1e3
+    row("stage-3 decoder_grpo_step per trained step (old re-score, policy fwd + bwd, KL reference, AdamW)", s, "")
+    return rows
+
+
+# -----------------------------------------------------------------------------
 # CLI
 
-SECTIONS = {"matching": bench_matching, "umo": bench_umo, "unirl": bench_unirl, "unicharacter": bench_unicharacter}
-SIZES = {"umo": ("tiny", "flux-12b"), "unirl": ("tiny", *JANUS_SIZES), "unicharacter": ("tiny", "bagel-7b")}  # --size values each method section knows
+SECTIONS = {"matching": bench_matching, "umo": bench_umo, "unirl": bench_unirl, "unicharacter": bench_unicharacter,
+            "uae": bench_uae}
+SIZES = {"umo": ("tiny", "flux-12b"), "unirl": ("tiny", *JANUS_SIZES), "unicharacter": ("tiny", "bagel-7b"),
+         "uae": ("tiny", "full")}  # --size values each method section knows
 
 
 def cpu_name() -> str:

@@ -49,3 +49,18 @@ def test_janus_flops_count_every_linear_weight_of_the_decoding_path():
 def test_unirl_section_runs_on_cpu():
     rows = bench.bench_unirl(torch.device("cpu"), repeats=1, group=2)
     assert [r["section"] for r in rows] == ["unirl"] * 3 and all(r["s"] > 0 for r in rows)
+
+
+def test_uae_section_runs_on_cpu_and_knows_the_full_architectures():
+    from diffusers import SD3Transformer2DModel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    rows = bench.bench_uae(torch.device("cpu"), repeats=1, group=2)
+    assert [r["section"] for r in rows] == ["uae"] * 4 and all(r["s"] > 0 for r in rows)
+    assert rows[0]["ms_per_token"] > 0 and rows[0]["hbm_bound_ms"] > 0 and rows[1]["images_per_s"] > 0
+    with torch.device("meta"):
+        tf = SD3Transformer2DModel(**bench.SD35_LARGE)
+        llm = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**bench.QWEN25_VL_3B))
+    assert abs(sum(p.numel() for p in tf.parameters()) / 1e9 - 8.06) < 0.01  # reference/performance.md
+    assert abs(sum(p.numel() for p in llm.parameters()) / 1e9 - 3.75) < 0.01  # Qwen2.5-VL-3B
+    assert tf.config.joint_attention_dim == 4096 and llm.config.text_config.hidden_size == 2048  # the projector's
