@@ -283,6 +283,19 @@ def bench_unirl(device: torch.device, repeats: int = 3, size: str = "tiny", grou
     params = common.lora_parameters(models.model)
     tokens = torch.randint(0, 16384 if size != "tiny" else unirl.TOY_CODES, (group, t), device=device)
 
+    def prefill():  # a teacher-forced forward without gradient: the KL reference pass (adapters off) of the update
+        with torch.no_grad(), common.lora_disabled(models.model):
+            unirl.score_image_tokens(models, prompts, tokens, 5.0, 1.0)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    s = median_ms(prefill, device, repeats, 1) / 1e3
+    flops = janus_flops(lm.config, 2 * group, 0, context + t)
+    what = f"prefill: {context} + {t} tokens x {2 * group} rows, no grad"
+    rows.append({"section": "unirl", "size": size, "what": what,
+                 "s": round(s, 4), "ms_per_token": None, "images_per_s": None,
+                 "mfu": round(flops / s / PEAK_BF16_FLOPS, 4), "peak_gb": round(common.peak_memory_gb(device), 1)})
+
     def update():
         logp = unirl.score_image_tokens(models, prompts, tokens, 5.0, 1.0)
         logp.mean().backward()

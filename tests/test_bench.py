@@ -48,7 +48,7 @@ def test_janus_flops_count_every_linear_weight_of_the_decoding_path():
 
 def test_unirl_section_runs_on_cpu():
     rows = bench.bench_unirl(torch.device("cpu"), repeats=1, group=2)
-    assert [r["section"] for r in rows] == ["unirl"] * 3 and all(r["s"] > 0 for r in rows)
+    assert [r["section"] for r in rows] == ["unirl"] * 4 and all(r["s"] > 0 for r in rows)
 
 
 def test_uae_section_runs_on_cpu_and_knows_the_full_architectures():
