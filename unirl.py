@@ -1068,6 +1068,32 @@ def train(cfg: Config) -> None:
 CLIP_TEMPLATES = ("a photo of a {c} {cls}", "a photo of a {c}-colored {cls}", "a photo of a {c} object")  # GenEval
 
 
+def grounding_dino_detect(detector, processor, image, names: list[str], threshold: float) -> tuple[dict, list[str]]:
+    """Grounding DINO queried with "name1. name2." -> ({"scores", "boxes" (xyxy pixels)}, class per box).
+
+    A query's class is the name whose text tokens score highest, its score that maximum. (transformers'
+    post-processing labels a query with every token over a text threshold, which can merge two names into a label
+    that is neither.)"""
+    inputs = processor(text=". ".join(names) + ".", images=image, return_tensors="pt").to(detector.device)
+    out = detector(**inputs)
+    ids = inputs["input_ids"][0].tolist()
+    probs = out.logits[0].sigmoid()  # (queries, text tokens)
+    columns = []
+    for name in names:  # the token span of each name inside the caption
+        span = processor.tokenizer(name, add_special_tokens=False)["input_ids"]
+        start = next((i for i in range(len(ids)) if ids[i:i + len(span)] == span), None)
+        if start is None:
+            raise ValueError(f"class {name!r} is not in the detector's tokenised caption (truncated at "
+                             f"{len(ids)} tokens?)")
+        columns.append(probs[:, start:start + len(span)].amax(-1))
+    scores, label = torch.stack(columns, -1).max(-1)  # (queries,)
+    keep = scores > threshold
+    w, h = image.size
+    cx, cy, bw, bh = (out.pred_boxes[0][keep] * torch.tensor([w, h, w, h], device=probs.device)).unbind(-1)
+    boxes = torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], -1)
+    return {"scores": scores[keep], "boxes": boxes}, [names[i] for i in label[keep].tolist()]
+
+
 def load_scorer(cfg: Config, device: torch.device):
     """GenEval's scorer with transformers models: returns score(image, meta) -> (correct, detections by class).
 
@@ -1102,11 +1128,7 @@ def load_scorer(cfg: Config, device: torch.device):
             labels = [names[i] for i in res["labels"].tolist()]
         else:
             names = sorted({r["class"] for r in meta["include"] + meta.get("exclude", [])})
-            inputs = det_proc(text=". ".join(names) + ".", images=image, return_tensors="pt").to(device)
-            res = det_proc.post_process_grounded_object_detection(
-                detector(**inputs), inputs["input_ids"], threshold=threshold, text_threshold=threshold,
-                target_sizes=[image.size[::-1]])[0]
-            labels = res["text_labels"]
+            res, labels = grounding_dino_detect(detector, det_proc, image, names, threshold)
         found = {}
         for score, box, label in sorted(zip(res["scores"].tolist(), res["boxes"].tolist(), labels), reverse=True):
             if label in names and len(found.get(label, [])) < cfg.det_max_objects:

@@ -256,6 +256,30 @@ def test_real_scorer_runs_with_transformers_classes(tmp_path):
     assert isinstance(score(image, meta)[0], bool)
     with pytest.raises(FileNotFoundError, match="--clip-dir"):
         unirl.load_scorer(unirl.Config(detector_dir=owl), torch.device("cpu"))
+    # Grounding DINO is queried with the prompt's own classes and reports them by name
+    from tiny import tiny_grounding_dino
+
+    gdino = tiny_grounding_dino(str(tmp_path / "gdino"), words=("dog", "cat"))
+    score = unirl.load_scorer(dataclasses.replace(cfg, detector_dir=gdino, det_threshold=0.0), torch.device("cpu"))
+    meta = {"tag": "two_object", "include": [{"class": "dog", "count": 1}, {"class": "cat", "count": 1}],
+            "prompt": "a photo of a dog and a cat"}
+    correct, found = score(image, meta)
+    assert isinstance(correct, bool) and found and set(found) <= {"dog", "cat"}
+    assert all(len(b) == 4 and b[0] <= b[2] and b[1] <= b[3] for boxes in found.values() for b in boxes)
+    # each query's class and score against a loop over its tokens
+    from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
+
+    det, proc = AutoModelForZeroShotObjectDetection.from_pretrained(gdino).eval(), AutoProcessor.from_pretrained(gdino)
+    with torch.no_grad():
+        res, labels = unirl.grounding_dino_detect(det, proc, image, ["cat", "dog"], 0.0)
+        inputs = proc(text="cat. dog.", images=image, return_tensors="pt")
+        probs = det(**inputs).logits[0].sigmoid()
+    words = proc.tokenizer.convert_ids_to_tokens(inputs["input_ids"][0].tolist())
+    expected = []
+    for q in range(probs.shape[0]):
+        best = max(((float(probs[q, i]), w) for i, w in enumerate(words) if w in ("cat", "dog")))
+        expected.append(best)
+    assert [(round(float(s), 5), l) for s, l in zip(res["scores"], labels)] == [(round(s, 5), w) for s, w in expected]
 
 
 # -- loading errors ---------------------------------------------------------------------------------
