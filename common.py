@@ -190,6 +190,14 @@ def pick_dtype(device: torch.device, requested: str = "auto") -> tuple[torch.dty
     return torch.float32, "fp32: on CPU bf16 matrix products are slow and log-prob ratios need the precision"
 
 
+def toy_cpu_threads(device: torch.device) -> None:
+    """The embedded default on CPU runs one torch thread per process unless OMP_NUM_THREADS is set: its matrices
+    are tiny, and OpenMP workers spinning against other processes on shared cores made toy runs 5-40x slower."""
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() > 1:
+        torch.set_num_threads(1)
+        print0("one CPU thread per process for the tiny toy models (set OMP_NUM_THREADS to choose)")
+
+
 def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
     """Averages logged metrics over ranks (NaN-safe: a rank without a value sends NaN and is left out)."""
     if not dist.is_initialized() or not values:

@@ -141,6 +141,7 @@ def load_models(cfg: Config, device: torch.device, dtype: torch.dtype) -> Models
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
     if cfg.flux_dir is None:
+        common.toy_cpu_threads(device)
         models = _tiny_models(cfg)
     else:
         root = _require(cfg.flux_dir, "FLUX.1-dev folder")

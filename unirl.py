@@ -386,6 +386,7 @@ def load_models(cfg: Config, device: torch.device, dtype: torch.dtype) -> Models
         torch.backends.mkldnn.enabled = False
         common.print0("oneDNN off on CPU: slower than torch's own kernels on small convolutions (toy VQ decoder: 2x)")
     if cfg.model_dir is None:
+        common.toy_cpu_threads(device)
         model, processor = toy_model()
         cache = os.path.join(os.environ.get("NANOGENRL_CACHE") or os.path.expanduser("~/.cache/nanogenrl"),
                              f"unirl_toy_{toy_cache_key(cfg)}.pt")

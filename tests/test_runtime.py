@@ -238,3 +238,17 @@ def test_lora_training_checkpoint_round_trip_and_nan_refusal(tmp_path):
     assert torch.isfinite(net[0].lora_B).all() and fresh_opt.state_dict()["state"]
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         common.resume_lora_training(str(tmp_path / "none.pt"), net, fresh_opt)
+
+
+def test_toy_cpu_threads_pins_one_thread_unless_omp_is_set(monkeypatch, capsys):
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        common.toy_cpu_threads(torch.device("cpu"))
+        assert torch.get_num_threads() == 2 and capsys.readouterr().out == ""  # the user's choice stands
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        common.toy_cpu_threads(torch.device("cpu"))
+        assert torch.get_num_threads() == 1 and "one CPU thread" in capsys.readouterr().out
+    finally:
+        torch.set_num_threads(threads)
