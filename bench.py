@@ -466,10 +466,10 @@ def _uae_of_size(size: str, device: torch.device, dtype: torch.dtype):
         models.llm = _built(device, dtype, lambda: Qwen2_5_VLForConditionalGeneration(config))
         models.transformer = _built(device, dtype, lambda: SD3Transformer2DModel(**SD35_LARGE))
         models.projector = _built(device, dtype, lambda: uae.make_projector(2048, 4096))
-        models.vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, layers_per_block=2,
-                                   block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                                   up_block_types=("UpDecoderBlock2D",) * 4, use_quant_conv=False,
-                                   use_post_quant_conv=False)  # SD3.5's VAE layout: 8x down, 16 channels
+        models.vae = AutoencoderKL(  # SD3.5's VAE layout (8x down, 16 channels): latent_shape reads it
+            in_channels=3, out_channels=3, latent_channels=16, layers_per_block=2,
+            block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, use_quant_conv=False, use_post_quant_conv=False)
         models.pooled = torch.randn(1, 2048)
         models.image_processor = Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=65536)  # UAE's: 81 tokens
     for m in (models.llm, models.projector, models.transformer, models.vae):
