@@ -42,11 +42,12 @@ cached; the reward encoders are random. Measured against paired runs without upd
 captions and noise):
 - stage 1 lowers its flow-matching loss to 0.82 of the no-update run's over steps 5-20 (the reward stays within noise);
 - stage 2 teaches the captioner to name what the decoder needs most (the background): the reward climbs above the
-  no-update run within 10 steps. Captions first grow (2.8 -> 4.5 tokens by step 10) and then shrink to the background
-  alone: the toy captioner's colour and size words are guesses (right 5 of 30 and 10 of 21 times), and a wrong word
-  costs more reward than a missing one, so the paper's longer-captions "aha moment" cannot pay off here;
-- stage 3 does not learn: the decoder already redraws what a caption says (0.99 from full captions) and the rest of
-  the gap is what the caption leaves out, which no decoder can recover (within a group, rewards differ by guesses
+  no-update run within 10 steps. Captions first grow (2.9 -> 5.3 tokens by step 10) and then shrink to the background
+  alone: the toy captioner's colour and size words are guesses (right 5 of 30 and 10 of 21 times), a wrong size or
+  background word costs more reward than none and a guessed colour gains nothing, so the paper's longer-captions
+  "aha moment" cannot pay off here;
+- stage 3 does not learn: the decoder already redraws what a caption says (0.95-0.99 from full captions) and the rest
+  of the gap is what the caption leaves out, which no decoder can recover (within a group, rewards differ by guesses
   of missing attributes, which are independent of the caption). Its test checks the update's direction instead.
 
 Commands:
