@@ -20,10 +20,11 @@ Sections:
     unicharacter  BAGEL's MoT through unicharacter.py: prompt prefill, one text-CFG flow step of a group of 8 at
                 1024 px (4096 latent tokens, 2 x 8 rows), the GRPO update of one sample's CFG pair (full generation
                 expert, gradient checkpointing), text decoding (weight-read bandwidth). --size bagel-7b or tiny.
-    uae         UAE through uae.py: a group of 8 captions of one image from Qwen2.5-VL-3B (KV-cached token steps: ms
-                per step against the HBM bound, weights + KV cache read / 3.0 TB/s), one SD3.5-Large denoising step of
-                the group with CFG (batch 16) at 512 px, the stage-3 update (forward + backward; the whole
-                decoder_grpo_step per trained step). --size full (random weights, GPU) or tiny.
+    uae         UAE through uae.py: a group of 8 captions of one image from Qwen2.5-VL-3B (static-KV-cache token steps,
+                eager and with a replayed CUDA graph per step: ms per step against the HBM bound, weights + KV cache
+                read / 3.0 TB/s), one SD3.5-Large denoising step of the group with CFG (batch 16) at 512 px, the
+                stage-3 update (forward + backward; the whole decoder_grpo_step per trained step). --size full
+                (random weights, GPU) or tiny.
 
 Prints the environment, a table, then one JSON line (the last line of stdout) that scripts can parse.
 Requires common.py next to it.
@@ -481,8 +482,9 @@ def _uae_of_size(size: str, device: torch.device, dtype: torch.dtype):
 def bench_uae(device: torch.device, repeats: int = 3, size: str = "tiny", group: int = 8,
               caption_tokens: int = 256, resolution: int = 512, context_words: int = 300) -> list[dict]:
     """uae.py's code paths: a group of `group` captions of one image (uae.sample_captions: prefill, then
-    caption_tokens KV-cached token steps), one CFG denoising step of the group through uae.velocity (2 x group rows,
-    the conditioning of a caption of about context_words tokens), and the stage-3 update of one trained step
+    caption_tokens static-KV-cache token steps, eager and as a replayed CUDA graph per step), one CFG denoising step
+    of the group through uae.velocity (2 x group rows, the conditioning of a caption of about context_words tokens),
+    and the stage-3 update of one trained step
     (uae.decoder_grpo_step: old re-score, policy forward + backward with gradient checkpointing and DiT LoRA r32,
     KL reference forward, AdamW). --size full: Qwen2.5-VL-3B and SD3.5-Large with random weights; tiny: the toy."""
     import uae
@@ -502,25 +504,23 @@ def bench_uae(device: torch.device, repeats: int = 3, size: str = "tiny", group:
     image = common.tensor_to_pil(torch.rand(3, 256, 256) * 2 - 1)
     inputs = uae.caption_inputs(models, [image] * group)
     generator = torch.Generator(device).manual_seed(0)
-    steps = []
-
-    def caption():
-        tokens, _ = uae.sample_captions(models, inputs, caption_tokens, 0.7, generator)
-        steps.append(tokens.shape[1])
-
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    s = median_ms(caption, device, repeats, 1) / 1e3
     lm = models.lm
     config = lm.config
     weights = sum(m.weight.numel() for m in lm.layers.modules() if isinstance(m, torch.nn.Linear))
     weights += models.llm.lm_head.weight.numel()
     kv = 2 * config.num_hidden_layers * config.num_key_value_heads * (config.hidden_size // config.num_attention_heads)
-    context = inputs.ids.shape[1] + steps[-1] / 2  # mean cached length over the token steps
+    context = inputs.ids.shape[1] + caption_tokens - 1  # the static cache: every step attends over all its slots
     step_bytes = (weights + kv * group * context) * torch.finfo(dtype).bits / 8  # weights + KV cache read per step
-    row(f"caption: prefill + {steps[-1]} token steps, {group} rows", s, "<= 2x HBM bound per token step",
-        ms_per_token=round(1e3 * s / steps[-1], 2), tokens_per_s=round(group * steps[-1] / s, 1),
-        hbm_bound_ms=round(1e3 * step_bytes / HBM_BYTES_PER_S, 4))
+    for graphs in (False, True):  # every caption takes caption_tokens steps (no host read decides to stop early)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        s = median_ms(lambda: uae.sample_captions(models, inputs, caption_tokens, 0.7, generator, graphs),
+                      device, repeats, 1) / 1e3
+        how = "CUDA graph per step" if graphs else "eager steps"
+        row(f"caption: prefill + {caption_tokens} token steps, {group} rows, {how}", s,
+            "<= 2x HBM bound per token step", ms_per_token=round(1e3 * s / caption_tokens, 2),
+            tokens_per_s=round(group * caption_tokens / s, 1),
+            hbm_bound_ms=round(1e3 * step_bytes / HBM_BYTES_PER_S, 4))
 
     text = " ".join(["big red square on white"] * (context_words // 5))
     with torch.no_grad():

@@ -121,7 +121,8 @@ class Config:
     # ---- rollout
     group_size: int = 8  # captions per image (stage 2) or reconstructions per caption (stage 3)
     caption_temperature: float = 0.7  # UAE demo: do_sample, temperature 0.7
-    max_caption_tokens: int = 512  # UAE demo: max_new_tokens 512
+    max_caption_tokens: int = 512  # UAE demo: max_new_tokens 512 (always decoded: no host read in the loop)
+    cuda_graphs: bool = True  # replay each caption decode step as a CUDA graph (CUDA only; eager elsewhere)
     num_steps: int = 10  # denoising steps of training rollouts (cold-start code and Flow-GRPO: 10)
     eval_steps: int = 40  # denoising steps for --generate/--reconstruct/--evaluate (UAE demo: 40)
     eval_resolution: int = 1024  # resolution for --generate/--reconstruct/--evaluate (UAE demo: 1024)
@@ -805,39 +806,36 @@ def caption_logprobs(models: Models, inp: CaptionInputs, tokens: torch.Tensor, t
 
 @torch.no_grad()
 def sample_captions(models: Models, inp: CaptionInputs, max_tokens: int, temperature: float,
-                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Captions: (tokens (B, T), log-probs (B, T)); after its stop token a row holds <|endoftext|> with log-prob 0.
-    The prefill (prompt and image) fills a KV cache; decode_captions then runs the token loop."""
-    out = models.llm(input_ids=inp.ids, attention_mask=inp.mask, position_ids=inp.pos, pixel_values=inp.pixel_values,
-                     image_grid_thw=inp.grid, mm_token_type_ids=inp.mm, use_cache=True, logits_to_keep=1)
-    return decode_captions(models, out.logits[:, -1], out.past_key_values, inp.mask, inp.pos[:, :, -1:], max_tokens,
-                           temperature, generator)
-
-
-@torch.no_grad()
-def decode_captions(models: Models, logits: torch.Tensor, cache, mask: torch.Tensor, pos: torch.Tensor,
-                    max_tokens: int, temperature: float, generator: torch.Generator | None
+                    generator: torch.Generator | None = None, cuda_graph: bool = False
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The token loop after the prefill: logits (B, V) of the first caption token, the prefill's KV cache, its
-    attention mask (B, P) and last positions (3, B, 1). One cached forward per token (plain transformers, dynamic
-    cache); whether every row has stopped is read back only every 16 tokens. A static-cache, CUDA-graph decoder
-    can replace this function: same inputs, same outputs."""
-    b, dev = logits.shape[0], logits.device
+    """Captions: (tokens (B, T), log-probs (B, T)); after its stop token a row holds <|endoftext|> with log-prob 0.
+
+    common.decode_tokens runs the text model with a static KV cache (one step replayed as a CUDA graph with
+    cuda_graph): every row takes max_tokens steps and nothing is read back in the loop, so rows that stopped keep
+    being fed pads whose tokens are overwritten. After the loop one host read trims T to the longest caption."""
+    llm, b, dev = models.llm, inp.ids.shape[0], inp.ids.device
+    # the prefix as Qwen2.5-VL's forward builds it: token embeddings with the merged ViT features at image slots
+    embeds = llm.get_input_embeddings()(inp.ids)  # (B, P, D)
+    features = torch.cat(llm.model.get_image_features(inp.pixel_values, inp.grid, return_dict=True).pooler_output)
+    embeds = embeds.masked_scatter(inp.mm.bool()[..., None], features.to(embeds.dtype))
     stops = torch.tensor(models.stop_ids, device=dev)
+    banned = torch.tensor(models.banned_ids, device=dev)
     tokens = torch.full((b, max_tokens), models.pad_id, dtype=torch.long, device=dev)
     logps = torch.zeros(b, max_tokens, device=dev)
     done = torch.zeros(b, dtype=torch.bool, device=dev)
-    for i in range(max_tokens):
-        tok, logp = common.sample_tokens(ban_vision_tokens(models, logits.float()), temperature, generator=generator)
-        tokens[:, i] = torch.where(done, models.pad_id, tok)
-        logps[:, i] = torch.where(done, 0.0, logp)
-        done |= torch.isin(tok, stops)
-        if i == max_tokens - 1 or (i % 16 == 15 and bool(done.all())):
-            break
-        mask, pos = torch.cat([mask, mask.new_ones(b, 1)], 1), pos + 1
-        logits = models.llm(input_ids=tokens[:, i:i + 1], attention_mask=mask, position_ids=pos,
-                            past_key_values=cache, use_cache=True).logits[:, -1]
-    return tokens[:, :i + 1], logps[:, :i + 1]
+
+    def step(hidden, index):
+        logits = llm.lm_head(hidden).float().index_fill_(-1, banned, float("-inf"))  # (B, V), see ban_vision_tokens
+        token, logp = common.sample_tokens(logits, temperature, generator=generator)
+        token = torch.where(done, models.pad_id, token)
+        tokens.index_copy_(1, index[None], token[:, None])
+        logps.index_copy_(1, index[None], torch.where(done, 0.0, logp)[:, None])
+        done.logical_or_(torch.isin(token, stops))  # in place: the captured graph keeps reading this buffer
+        return llm.get_input_embeddings()(token)[:, None]  # (B, 1, D)
+
+    common.decode_tokens(models.lm, embeds, inp.mask, inp.pos, max_tokens, step, generator, cuda_graph)
+    length = int(caption_mask(models, tokens).sum(1).max())
+    return tokens[:, :length], logps[:, :length]
 
 
 def caption_texts(models: Models, tokens: torch.Tensor) -> list[str]:
@@ -1302,7 +1300,8 @@ def caption_images(models: Models, cfg: Config, images: torch.Tensor, per_image:
     """per_image sampled captions of each image (rows grouped by image): inputs, tokens, log-probs, texts."""
     pils = [common.tensor_to_pil(x) for x in images for _ in range(per_image)]
     inputs = caption_inputs(models, pils)
-    tokens, logps = sample_captions(models, inputs, cfg.max_caption_tokens, cfg.caption_temperature, generator)
+    tokens, logps = sample_captions(models, inputs, cfg.max_caption_tokens, cfg.caption_temperature, generator,
+                                    cfg.cuda_graphs)
     lengths = (caption_mask(models, tokens).sum(1) - torch.isin(
         tokens, torch.tensor(models.stop_ids, device=tokens.device)).any(1).long()).float()
     return {"inputs": inputs, "tokens": tokens, "log_probs": logps, "texts": caption_texts(models, tokens),
@@ -1652,7 +1651,8 @@ def toy_note(models: Models) -> str | None:
 def caption(models: Models, cfg: Config, image, generator: torch.Generator | None = None) -> str:
     """The demo's caption: instruction + image, sampled at caption_temperature, at most max_caption_tokens."""
     inputs = caption_inputs(models, [image])
-    tokens, _ = sample_captions(models, inputs, cfg.max_caption_tokens, cfg.caption_temperature, generator)
+    tokens, _ = sample_captions(models, inputs, cfg.max_caption_tokens, cfg.caption_temperature, generator,
+                                cfg.cuda_graphs)
     return caption_texts(models, tokens)[0]
 
 

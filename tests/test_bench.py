@@ -56,8 +56,8 @@ def test_uae_section_runs_on_cpu_and_knows_the_full_architectures():
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     rows = bench.bench_uae(torch.device("cpu"), repeats=1, group=2)
-    assert [r["section"] for r in rows] == ["uae"] * 4 and all(r["s"] > 0 for r in rows)
-    assert rows[0]["ms_per_token"] > 0 and rows[0]["hbm_bound_ms"] > 0 and rows[1]["images_per_s"] > 0
+    assert [r["section"] for r in rows] == ["uae"] * 5 and all(r["s"] > 0 for r in rows)
+    assert all(r["ms_per_token"] > 0 and r["hbm_bound_ms"] > 0 for r in rows[:2]) and rows[2]["images_per_s"] > 0
     with torch.device("meta"):
         tf = SD3Transformer2DModel(**bench.SD35_LARGE)
         llm = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**bench.QWEN25_VL_3B))

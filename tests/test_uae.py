@@ -128,26 +128,36 @@ def test_decoder_call_is_sd3_cfg(tiny):
 
 
 def test_caption_logprobs_rescored_equal_sampled(tiny):
-    images = [toy_pil(), toy_pil(color="blue", size="small")]
-    inp = uae.caption_inputs(tiny, images)
-    assert inp.grid.tolist() == [[1, 4, 4]] * 2 and (inp.mm.sum(1) == 4).all()  # 56 px: 4 tokens after the merge
-    tokens, logp = uae.sample_captions(tiny, inp, 6, 0.7, torch.Generator().manual_seed(3))
-    valid = uae.caption_mask(tiny, tokens)
+    """common.decode_tokens' static-cache path (the sampler) against re-scoring and a cache-free loop, with prompts
+    of different lengths (a 112 px image brings 16 visual tokens, a 32 px one 4), so the shorter row is left-padded."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    models = dataclasses.replace(tiny, image_processor=Qwen2VLImageProcessorPil(min_pixels=56 * 56,
+                                                                                max_pixels=112 * 112))
+    images = [toy_pil().resize((112, 112)), toy_pil(color="blue", size="small")]
+    inp = uae.caption_inputs(models, images)
+    assert inp.grid.tolist() == [[1, 8, 8], [1, 4, 4]] and inp.mm.sum(1).tolist() == [16, 4]
+    assert inp.mask[0].all() and not inp.mask[1, :12].any()  # row 1 is left-padded by 12
+    tokens, logp = uae.sample_captions(models, inp, 6, 0.7, torch.Generator().manual_seed(3))
+    valid = uae.caption_mask(models, tokens)
+    assert tokens.shape[1] == int(valid.sum(1).max())  # trimmed to the longest caption
     with torch.no_grad():
-        rescored = uae.caption_logprobs(tiny, inp, tokens, 0.7)
+        rescored = uae.caption_logprobs(models, inp, tokens, 0.7)
     torch.testing.assert_close(rescored[valid], logp[valid], atol=2e-5, rtol=0)
-    assert (logp[~valid] == 0).all()
-    # one row by hand: no cache, the whole sequence re-run for every token, the model's own position logic
-    row = inp.rows([1])
-    with torch.no_grad():
-        for t in range(int(valid[1].sum())):
-            ids = torch.cat([row.ids, tokens[1:, :t]], 1)
-            mm = torch.cat([row.mm, torch.zeros(1, t, dtype=row.mm.dtype)], 1)
-            logits = tiny.llm(input_ids=ids, pixel_values=row.pixel_values, image_grid_thw=row.grid,
-                              mm_token_type_ids=mm).logits[0, -1]
-            logits[list(tiny.banned_ids)] = float("-inf")  # vision placeholders are never sampled
-            expected = torch.log_softmax(logits / 0.7, -1)[tokens[1, t]]
-            torch.testing.assert_close(logp[1, t], expected, atol=2e-5, rtol=0)
+    assert (logp[~valid] == 0).all() and (tokens[~valid] == models.pad_id).all()
+    # each row by hand: no cache, the whole sequence re-run for every token, the model's own position logic
+    for i in range(2):
+        row = inp.rows([i])
+        keep = row.mask[0].bool()
+        ids, mm = row.ids[:, keep], row.mm[:, keep]
+        with torch.no_grad():
+            for t in range(int(valid[i].sum())):
+                logits = models.llm(input_ids=torch.cat([ids, tokens[i:i + 1, :t]], 1), pixel_values=row.pixel_values,
+                                    image_grid_thw=row.grid,
+                                    mm_token_type_ids=torch.cat([mm, mm.new_zeros(1, t)], 1)).logits[0, -1]
+                logits[list(models.banned_ids)] = float("-inf")  # vision placeholders are never sampled
+                expected = torch.log_softmax(logits / 0.7, -1)[tokens[i, t]]
+                torch.testing.assert_close(logp[i, t], expected, atol=2e-5, rtol=0)
 
 
 def with_random_lora(models, cfg):
