@@ -770,7 +770,8 @@ def cfg_logits(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.
 
 @torch.no_grad()
 def decode_tokens(lm: nn.Module, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, num_steps: int,
-                  step, generator: torch.Generator | None = None, cuda_graph: bool = False) -> None:
+                  step, generator: torch.Generator | None = None, cuda_graph: bool = False,
+                  stopped: torch.Tensor | None = None, check_every: int = 32) -> None:
     """Token-by-token decoding with a static KV cache, the loop behind image-token and caption sampling.
 
     lm: a transformers decoder called with inputs_embeds / attention_mask / position_ids / past_key_values
@@ -783,7 +784,11 @@ def decode_tokens(lm: nn.Module, embeds: torch.Tensor, mask: torch.Tensor, posit
     Every decode step has the same shapes (a cache of L + num_steps - 1 slots, a boolean mask over all of them, the
     counters on the device), so with cuda_graph=True one step is captured as a CUDA graph and replayed: an eager
     7B step launches about a thousand small kernels and is bound by their launch cost, not by memory bandwidth.
-    The graph draws from `generator` (registered with the graph) exactly as the eager loop does."""
+    The graph draws from `generator` (registered with the graph) exactly as the eager loop does.
+
+    stopped: an optional (B,) bool buffer that step sets in place for rows that ended (EOS); every check_every
+    steps the loop reads it once and returns when every row has stopped, leaving later slots as the caller filled
+    them. Without it nothing is read back to the host."""
     from transformers import StaticCache
 
     batch, length = mask.shape
@@ -812,10 +817,15 @@ def decode_tokens(lm: nn.Module, embeds: torch.Tensor, mask: torch.Tensor, posit
         index.add_(1)
         slot.add_(1)
 
+    def all_stopped(steps_done: int) -> bool:  # the loop's only host read, once every check_every steps
+        return stopped is not None and steps_done % check_every == 0 and bool(stopped.all())
+
     warmup = 2  # eager steps before capture (lazy inits, cuBLAS workspaces); they are real steps
     if not (cuda_graph and device.type == "cuda" and num_steps - 1 > warmup):
-        for _ in range(num_steps - 1):
+        for done in range(1, num_steps):
             advance()
+            if all_stopped(done):
+                return
     else:
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
@@ -828,8 +838,10 @@ def decode_tokens(lm: nn.Module, embeds: torch.Tensor, mask: torch.Tensor, posit
             graph.register_generator_state(generator)
         with torch.cuda.graph(graph):  # records one step without running it
             advance()
-        for _ in range(num_steps - 1 - warmup):
+        for done in range(warmup + 1, num_steps):
             graph.replay()
+            if all_stopped(done):
+                return
     step(hidden, index)
 
 

@@ -212,6 +212,27 @@ def test_static_cache_decoding_matches_full_recomputation():
     assert torch.equal(again, tokens)  # the seed fixes the draw
 
 
+def test_decoding_ends_at_the_first_check_after_every_row_stopped():
+    lm = _tiny_llama()
+    embeds, mask = lm.embed_tokens(torch.tensor([[5, 7, 9], [0, 3, 4]])), torch.tensor([[1, 1, 1], [0, 1, 1]])
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    calls, stopped = [], torch.zeros(2, dtype=torch.bool)
+
+    def step(hidden, index):
+        calls.append(int(index))
+        stopped.logical_or_(index >= 2)  # every row "emits its stop token" at step 2
+        return lm.embed_tokens(hidden.argmax(-1) % 50)[:, None]
+
+    with torch.no_grad():
+        common.decode_tokens(lm, embeds, mask, positions, 10, step, stopped=stopped, check_every=2)
+    assert calls == [0, 1, 2, 3]  # stopped after step 2; the check after 4 steps sees it
+    calls.clear()
+    stopped.zero_()
+    with torch.no_grad():
+        common.decode_tokens(lm, embeds, mask, positions, 10, step)  # no buffer: all steps run
+    assert calls == list(range(10))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_decoding_draws_what_the_eager_loop_draws():
     lm = _tiny_llama().cuda()
