@@ -12,7 +12,8 @@ Paper: "UniCharacter: Towards Customized Multimodal Role-Play", arXiv 2605.08129
     -> llm2vae -> velocity (noise - data). Sampling: the prompt is prefilled into a KV cache once, then each flow step
     runs only <|vision_start|> latents <|vision_end|> (full attention) against it.
 
-Stage 1, Unified-SFT (--stage sft): 0.25 x text cross-entropy + 1.0 x flow-matching MSE; every batch holds both kinds.
+Stage 1, Unified-SFT (--stage sft): 0.25 x text cross-entropy + 1.0 x flow-matching MSE; every batch holds both kinds;
+LLM (both experts) and ViT trained, EMA 0.9999 saved as ema.safetensors in BAGEL's layout.
 Stage 2, Character-GRPO (--stage grpo, default): Flow-GRPO on the generation expert only, SDE in a 3-step window of the
 first half of 15 steps, text CFG 4 with global renorm at every step, group 8, PPO clip 1e-5, advantage clip 5, beta 0;
 reward = 0.3 VQA + 0.45 CLIP-T/30 + 0.1 diversity + 0.15 DINO band penalty (reference/unicharacter.md 5.1).
@@ -47,7 +48,9 @@ Commands (requires common.py next to it):
     python unicharacter.py --train --stage sft --model-dir BAGEL-7B-MoT --character-dir data/Bo     # 1 GPU
     python unicharacter.py --train --model-dir BAGEL-7B-MoT --checkpoint runs/sft/model.safetensors \\
         --character-dir data/Bo --vqa-dir blip-vqa-base --clip-dir clip-vit-large-patch14 --dino-dir dinov2-base
-    torchrun --standalone --nproc_per_node=8 unicharacter.py --train --fsdp ...same flags...  # experts sharded
+    torchrun --standalone --nproc_per_node=8 unicharacter.py --train --fsdp ...same flags...  # layers sharded
+    torchrun --standalone --nproc_per_node=8 unicharacter.py --train --stage sft --fsdp --grad-checkpointing \
+        --model-dir BAGEL-7B-MoT --character-dir data/Bo         # Unified-SFT: model.safetensors + ema.safetensors
     python unicharacter.py --role-play "Hi" [--model-dir ... --checkpoint ...]
     python unicharacter.py --generate "Bo on a blue background on the left"
     python unicharacter.py --ask image.png "What color is the background?"     # visual understanding
@@ -91,7 +94,7 @@ class Config:
     lora: str | None = None  # our LoRA file for inference (lora_rank > 0 runs)
     lora_rank: int = 0  # 0 = full generation expert (UniCharacter YAML use_lora False); > 0 = LoRA on *_moe_gen (option: r 64)
     lora_alpha: float = 128.0  # LoRA alpha (UniCharacter option: 128 with r 64)
-    fsdp: bool = False  # shard the decoder layers with torch.distributed.fsdp.fully_shard (full-expert training)
+    fsdp: bool = False  # shard with torch.distributed.fsdp.fully_shard under torchrun (full-expert GRPO, Unified-SFT)
     # ---- data
     character_dir: str | None = None  # character folder (persona.json, dialogues.jsonl, images/); none = the toy "Bo"
     prompts_per_rank: int = 6  # prompts per step and rank, each drawn group_size times (YAML: 6 per GPU)
@@ -129,6 +132,7 @@ class Config:
     max_steps: int = 101  # GRPO epochs (YAML num_epochs) or SFT steps (README: 501)
     ce_weight: float = 0.25  # Unified-SFT text cross-entropy weight (pretrain_unified_navit ce_weight)
     mse_weight: float = 1.0  # Unified-SFT flow-matching MSE weight
+    ema_decay: float = 0.9999  # Unified-SFT: EMA of the trained weights, saved as ema.safetensors (public script 0.9999)
     sft_t2i_batch: int = 4  # text-to-image samples per SFT batch
     sft_text_batch: int = 4  # dialogue / VQA / knowledge samples per SFT batch (every batch holds both kinds)
     text_cond_dropout: float = 0.1  # SFT: drop the prompt of a T2I sample (CFG's unconditional branch)
@@ -1133,27 +1137,43 @@ def text_loss(models: Models, rows: list[tuple]) -> torch.Tensor:
     """Cross-entropy of the replies (and their <|im_end|>), summed over supervised tokens / their count; each row is
     [image block] <|im_start|> prompt <|im_end|> <|im_start|> reply <|im_end|>, only the reply supervised."""
     model = models.model
-    segs = []
-    for pix, prompt, reply in rows:
-        img = [] if pix is None else [("image", model.vit_embeds(pix[None].to(models.device))[0])]
+    pix = [p for p, _, _ in rows if p is not None]
+    # One ViT call per batch, a zero image (weight 0) when no row has one: under FSDP every rank must run the same
+    # sharded modules, or the all-gathers deadlock (the public "fixed" trainer's dummy ViT pass, same reason).
+    s = models.vit_size
+    vit = model.vit_embeds((torch.stack(pix) if pix else torch.zeros(1, 3, s, s)).to(models.device))  # (I, N, D)
+    segs, k = [], 0
+    for p, prompt, reply in rows:
+        img = [] if p is None else [("image", vit[k])]
+        k += p is not None
         segs.append(img + [("text", models.text_ids(prompt), False), ("text", models.text_ids(reply), True)])
     emb, pos, mask, ids, sup, _, _ = pack(models, segs)
+    if not pix:  # the dummy joins before the decoder, so its backward comes after the decoder's, as a real image's
+        emb = emb + 0.0 * vit.sum()
     hidden = model.language_model.model(emb, pos, mask)[0]
     target = sup[:, 1:]  # position j predicts token j + 1: only the supervised ones go through lm_head
     logits = model.language_model.lm_head(hidden[:, :-1][target]).float()
     return F.cross_entropy(logits, ids[:, 1:][target])
 
 
-def sft_loss(models: Models, cfg: Config, t2i: list, text: list, grid, generator=None) -> dict:
+def sft_loss(models: Models, cfg: Config, t2i: list, text: list, grid, generator=None, backward=False) -> dict:
     """Unified-SFT loss of one batch: ce_weight x CE + mse_weight x MSE (pretrain_unified_navit defaults 0.25, 1.0).
-    Both kinds must be present: UniCharacter's packing makes both groups mandatory in every pack."""
+    Both kinds must be present: UniCharacter's packing makes both groups mandatory in every pack.
+    backward=True back-propagates each weighted term right after its forward (same gradient as the sum): one
+    pass's activations at a time, and under FSDP a fixed order of the sharded layers' collectives on every rank."""
     if not t2i or not text:
         raise ValueError(f"a Unified-SFT batch needs both kinds: got {len(t2i)} text-to-image and {len(text)} text "
                          "samples (the character folder needs captioned images and dialogues)")
     drop = torch.rand(len(t2i), generator=generator) < cfg.text_cond_dropout
     mse = t2i_loss(models, [c for c, _ in t2i], torch.stack([z for _, z in t2i]).to(models.device), grid, drop,
                    generator)
+    if backward:
+        (cfg.mse_weight * mse).backward()
+        mse = mse.detach()
     ce = text_loss(models, text)
+    if backward:
+        (cfg.ce_weight * ce).backward()
+        ce = ce.detach()
     return {"loss": cfg.ce_weight * ce + cfg.mse_weight * mse, "ce": ce, "mse": mse}
 
 
@@ -1168,9 +1188,12 @@ def sft_step(models: Models, cfg: Config, data: Character, optimizer, rng: rando
     t2i = [rng.choice(data.t2i) for _ in range(cfg.sft_t2i_batch)]
     text = [rng.choice(data.text) for _ in range(cfg.sft_text_batch)]
     models.model.train()
-    out = sft_loss(models, cfg, t2i, text, data.latent_grid, generator)
-    params = sft_parameters(models.model)
-    norm, stepped = optimizer_step(optimizer, params, out["loss"], cfg)
+    models.model.language_model.model.grad_checkpointing = cfg.grad_checkpointing
+    optimizer.zero_grad(set_to_none=True)
+    out = sft_loss(models, cfg, t2i, text, data.latent_grid, generator, backward=True)
+    params = [p for g in optimizer.param_groups for p in g["params"]]  # FSDP's sharded ones, not the gathered views
+    norm, stepped = optimizer_step(optimizer, params, None, cfg, zero_grad=False)
+    models.model.language_model.model.grad_checkpointing = False
     models.model.eval()
     return {k: float(out[k].detach()) for k in ("loss", "ce", "mse")} | {"grad_norm": norm,
                                                                      "skipped_updates": int(not stepped)}
@@ -1590,25 +1613,78 @@ def setup_trainable(models: Models, cfg: Config, d: common.Dist) -> list[nn.Para
     for n, p in model.language_model.named_parameters():
         p.requires_grad_("moe_gen" in n)
     if cfg.fsdp:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = init_device_mesh(d.device.type, (d.world_size,))
-        for layer in model.language_model.model.layers:  # one unit per decoder layer, as the public FSDP wrapping
-            fully_shard(layer, mesh=mesh)
+        shard(model, d, everything=False)
     return [p for n, p in model.language_model.named_parameters() if "moe_gen" in n]
+
+
+def shard(model: Bagel, d: common.Dist, everything: bool) -> None:
+    """FSDP2 (fully_shard): one unit per decoder layer, as the public FSDP wrapping of Qwen2MoTDecoderLayer. Unified-SFT
+    (everything=True) also shards the ViT layers and lm_head; GRPO does not (frozen weights need no optimizer
+    state). The rest (embedding, norms, connector, latent adapters: 0.6 B at 7B) stays replicated; optimizer_step
+    all-reduces its gradients."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(d.device.type, (d.world_size,))
+    units = list(model.language_model.model.layers)
+    if everything:  # the embedding stays whole: it runs several times a step in a data-dependent backward order
+        units += list(model.vit_model.vision_model["encoder"]["layers"]) + [model.language_model.lm_head]
+    for m in units:
+        # explicit True: every unit is its own FSDP root (Bagel has no forward of its own), and a root left at the
+        # default keeps its gathered weights after forward - the whole model, unsharded, through the sampling loop
+        fully_shard(m, mesh=mesh, reshard_after_forward=True)
+
+
+# Checkpoints hold full tensors (FSDP shards gathered), so a run resumes exactly with or without --fsdp and on any
+# number of ranks; rank 0 writes them. At 7B that needs rank 0 to hold the full optimizer state in CPU memory.
+def gathered(t: torch.Tensor) -> torch.Tensor:
+    """A full CPU copy of a tensor or of an FSDP-sharded DTensor (collective: every rank calls it in the same order)."""
+    from torch.distributed.tensor import DTensor
+
+    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu().contiguous()
+
+
+@torch.no_grad()
+def load_full(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Copies a full tensor into a parameter, into this rank's shard when it is an FSDP DTensor."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    full = full.to(device=param.device, dtype=param.dtype)
+    if isinstance(param, DTensor):
+        full = distribute_tensor(full, param.device_mesh, param.placements)
+    param.copy_(full)
+
+
+def optimizer_state(optimizer) -> dict:
+    """optimizer.state_dict() with sharded moments gathered."""
+    sd = optimizer.state_dict()
+    return {"state": {i: {k: gathered(v) if torch.is_tensor(v) else v for k, v in s.items()}
+                      for i, s in sd["state"].items()}, "param_groups": sd["param_groups"]}
+
+
+def load_optimizer_state(optimizer, state: dict, where: str) -> None:
+    """Loads optimizer_state() output, sharding each moment like its parameter (AdamW's step counts stay whole)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if sum(len(g["params"]) for g in state["param_groups"]) != len(params):
+        raise ValueError(f"{where}: optimizer state for {sum(len(g['params']) for g in state['param_groups'])} parameters, this "
+                         f"run trains {len(params)} (different --stage or --lora-rank?)")
+    out = {}
+    for i, s in state["state"].items():
+        p = params[i]
+        out[i] = {k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
+                  if isinstance(p, DTensor) and torch.is_tensor(v) and v.shape == p.shape else v
+                  for k, v in s.items()}
+    optimizer.load_state_dict({"state": out, "param_groups": state["param_groups"]})
 
 
 def trainable_state(models: Models, cfg: Config) -> dict[str, torch.Tensor]:
     """LoRA weights, or the generation expert under BAGEL's names (gathered from FSDP shards on every rank)."""
     if cfg.lora_rank > 0:
         return {k: v.cpu() for k, v in common.lora_state_dict(models.model).items()}
-    out = {}
-    for n, p in models.model.language_model.named_parameters():
-        if "moe_gen" in n:
-            full = p.full_tensor() if hasattr(p, "full_tensor") else p
-            out["language_model." + n] = full.detach().cpu().contiguous()
-    return out
+    return {"language_model." + n: gathered(p) for n, p in models.model.language_model.named_parameters()
+            if "moe_gen" in n}
 
 
 def save_weights(models: Models, cfg: Config, d: common.Dist) -> str:
@@ -1645,10 +1721,10 @@ def check_config(cfg: Config, d: common.Dist) -> None:
                          "weight; a non-positive weight would disable it")
     if cfg.beta > 0 and cfg.lora_rank == 0:
         raise ValueError("--beta > 0 needs --lora-rank > 0: the KL reference is the model with its adapters off")
-    if cfg.fsdp and (cfg.lora_rank > 0 or cfg.stage != "grpo" or not dist.is_initialized()):
-        raise ValueError("--fsdp shards full generation-expert training (--stage grpo, --lora-rank 0) under torchrun")
-    if cfg.fsdp and cfg.resume:
-        raise ValueError("--resume is not supported with --fsdp (optimizer states are sharded); resume without it")
+    if cfg.fsdp and (cfg.stage == "grpo" and cfg.lora_rank > 0 or not dist.is_initialized()):
+        raise ValueError("--fsdp shards full-weight training (Unified-SFT, or GRPO with --lora-rank 0) under torchrun")
+    if not 0.0 <= cfg.ema_decay <= 1.0:
+        raise ValueError(f"--ema-decay must lie in [0, 1], got {cfg.ema_decay}")
     if cfg.image_size % (16 if cfg.model_dir else 4):
         raise ValueError(f"--image-size {cfg.image_size} must be a multiple of the latent token size")
 
@@ -1672,38 +1748,64 @@ def train(cfg: Config) -> None:
 
 
 def train_sft(models: Models, cfg: Config, d: common.Dist, data: Character) -> None:
-    """Stage 1 on the character folder; writes <out_dir>/model.safetensors (all weights, BAGEL's names)."""
-    from safetensors.torch import save_file
-
+    """Stage 1 on the character folder; writes <out_dir>/model.safetensors (all weights, BAGEL's names) and
+    ema.safetensors (the same with the EMA of the trained weights: what BAGEL ships and --finetune-from-ema reads)."""
     common.seed_everything(cfg.seed + d.rank)
     ckpt = os.path.join(cfg.out_dir, "checkpoint", "latest.pt")
-    params = sft_parameters(models.model)
+    model = models.model
+    if cfg.fsdp:
+        shard(model, d, everything=True)
+    params = sft_parameters(model)
     for p in params:
         p.requires_grad_(True)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    # fp32 shadow, sharded like the weights: a (1 - 0.9999) step is far below bf16's resolution
+    ema = {n: p.detach().float().clone() for n, p in model.named_parameters() if n in trained}
     optimizer = torch.optim.AdamW(params, lr=cfg.sft_lr, betas=(0.9, 0.95), eps=1e-15, weight_decay=0.0)
     start = 0
     if cfg.resume:
         state = common.load_checkpoint(ckpt)
-        models.model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        named = dict(model.named_parameters())
+        check_keys({k: v.shape for k, v in named.items()}, {k: v.shape for k, v in state["model"].items()}, ckpt)
+        for k, v in state["model"].items():
+            load_full(named[k], v)
+        for k, v in state["ema"].items():
+            load_full(ema[k], v)
+        load_optimizer_state(optimizer, state["optimizer"], ckpt)
         start = state["step"]
+        common.print0(f"resumed from {ckpt} at step {start}")
     log = common.MetricLog(cfg.out_dir, cfg.max_steps, start, enabled=d.is_main)
     for step in range(start, cfg.max_steps):
         t0 = time.time()
         rng = random.Random(f"{cfg.seed}-{step}-{d.rank}")  # the batch of (step, rank): resumed runs redraw it
         metrics = sft_step(models, cfg, data, optimizer, rng, common.step_generator(cfg.seed, step, d.rank))
+        with torch.no_grad():  # BAGEL's EMA update after every optimiser step
+            for n, p in model.named_parameters():
+                if n in ema:
+                    ema[n].mul_(cfg.ema_decay).add_(p.detach().float(), alpha=1.0 - cfg.ema_decay)
         metrics = common.all_reduce_mean(metrics, d.device)
         metrics.update(t_step=time.time() - t0, mem_gb=common.peak_memory_gb(d.device))
         log.log(step, metrics)
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
-            sd = {k: v.detach().cpu().contiguous() for k, v in models.model.state_dict().items()}
-            if not all(torch.isfinite(v).all() for v in sd.values()):
-                raise FloatingPointError(f"non-finite weights at step {step + 1}: not overwriting {ckpt}")
-            common.save_checkpoint(ckpt, {"step": step + 1, "model": sd, "optimizer": optimizer.state_dict(),
-                                          "config": dataclasses.asdict(cfg)})
-            if d.is_main:
-                common.atomic_save(os.path.join(cfg.out_dir, "model.safetensors"), lambda tmp: save_file(sd, tmp))
-    models.model.requires_grad_(False)
+            save_sft(model, ema, optimizer, cfg, d, step + 1, ckpt)
+    model.requires_grad_(False)
+
+
+def save_sft(model: Bagel, ema: dict, optimizer, cfg: Config, d: common.Dist, step: int, ckpt: str) -> None:
+    """Every rank gathers (FSDP), rank 0 writes model.safetensors, ema.safetensors (EMA over the trained weights, the
+    rest as is, in the model's dtype) and the resume checkpoint (fp32 EMA, optimizer state, RNG)."""
+    from safetensors.torch import save_file
+
+    sd = {k: gathered(v) for k, v in model.state_dict().items()}
+    ema_full = {k: gathered(v) for k, v in ema.items()}
+    if not all(torch.isfinite(v).all() for v in [*sd.values(), *ema_full.values()]):
+        raise FloatingPointError(f"non-finite weights at step {step}: not overwriting {ckpt}")
+    common.save_checkpoint(ckpt, {"step": step, "model": sd, "ema": ema_full, "optimizer": optimizer_state(optimizer),
+                                  "config": dataclasses.asdict(cfg)})
+    if d.is_main:
+        ema_sd = {k: ema_full[k].to(v.dtype) if k in ema_full else v for k, v in sd.items()}
+        for name, state in (("model.safetensors", sd), ("ema.safetensors", ema_sd)):
+            common.atomic_save(os.path.join(cfg.out_dir, name), lambda tmp, s=state: save_file(s, tmp))
 
 
 def train_grpo(models: Models, cfg: Config, d: common.Dist, data: Character) -> None:
@@ -1727,10 +1829,9 @@ def train_grpo(models: Models, cfg: Config, d: common.Dist, data: Character) -> 
             named = dict(models.model.named_parameters())
             check_keys({k: v.shape for k, v in trainable_state(models, cfg).items()},
                        {k: v.shape for k, v in state["trainable"].items()}, ckpt)
-            with torch.no_grad():
-                for k, v in state["trainable"].items():
-                    named[k].copy_(v)
-        optimizer.load_state_dict(state["optimizer"])
+            for k, v in state["trainable"].items():
+                load_full(named[k], v)
+        load_optimizer_state(optimizer, state["optimizer"], ckpt)
         start = state["step"]
         common.print0(f"resumed from {ckpt} at step {start}")
     log = common.MetricLog(cfg.out_dir, cfg.max_steps, start, enabled=d.is_main)
@@ -1766,9 +1867,8 @@ def train_grpo(models: Models, cfg: Config, d: common.Dist, data: Character) -> 
             common.save_grid(grid, os.path.join(cfg.out_dir, "samples", f"step_{step + 1:06d}.png"))
         if (step + 1) % cfg.save_every == 0 or done:
             save_weights(models, cfg, d)
-            if not cfg.fsdp:
-                common.save_checkpoint(ckpt, {"step": step + 1, "trainable": trainable_state(models, cfg),
-                                              "optimizer": optimizer.state_dict(), "config": dataclasses.asdict(cfg)})
+            common.save_checkpoint(ckpt, {"step": step + 1, "trainable": trainable_state(models, cfg),
+                                          "optimizer": optimizer_state(optimizer), "config": dataclasses.asdict(cfg)})
 
 
 # -----------------------------------------------------------------------------

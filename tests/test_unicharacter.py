@@ -336,6 +336,26 @@ def test_sft_stage_runs_and_its_weights_load_with_checkpoint(tmp_path):
     assert sorted(os.listdir(os.path.join(out, "generate"))) == ["00.png", "01.png"]
 
 
+def test_sft_ema_is_the_decayed_average_in_bagels_layout(tmp_path):
+    """One step with decay 0.5: ema.safetensors = 0.5 (weights before) + 0.5 (weights after) for every trained
+    weight, the frozen position tables as they are; the keys are BAGEL's (the file loads like its ema.safetensors)."""
+    from safetensors.torch import load_file
+
+    out = str(tmp_path / "sft")
+    U.main(["--train", "--stage", "sft", "--out-dir", out, "--max-steps", "1", "--ema-decay", "0.5"])
+    cfg = U.resolve_config(U.Config())
+    before = U.load_models(cfg, torch.device("cpu"), torch.float32).model.state_dict()
+    after, ema = load_file(os.path.join(out, "model.safetensors")), load_file(os.path.join(out, "ema.safetensors"))
+    assert set(ema) == set(after) == set(before)
+    assert {k: tuple(v.shape) for k, v in ema.items()} == bagel_layout(U.toy_arch(len(before[
+        "language_model.model.embed_tokens.weight"])))
+    for k in ema:
+        torch.testing.assert_close(ema[k], 0.5 * before[k] + 0.5 * after[k], atol=1e-7, rtol=1e-6, msg=k)
+    assert not torch.equal(after["vae2llm.weight"], before["vae2llm.weight"])
+    with pytest.raises(ValueError, match="ema-decay"):
+        U.check_config(U.Config(ema_decay=1.5), common.Dist(0, 0, 1, torch.device("cpu")))
+
+
 # -- reward and advantages ---------------------------------------------------------------------------
 
 
@@ -556,32 +576,60 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
     assert [r["loss"] for r in ra] == [r["loss"] for r in rb]
 
 
-def torchrun(out, *args):
+def torchrun(out, *args, steps=2):
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           os.path.join(ROOT, "unicharacter.py"), "--train", "--out-dir", out, "--max-steps", "2",
+                           os.path.join(ROOT, "unicharacter.py"), "--train", "--out-dir", out, "--max-steps", str(steps),
                            "--device", "cpu", "--prompts-per-rank", "2", "--group-size", "4", "--num-timesteps", "8",
+                           "--sft-t2i-batch", "2", "--sft-text-batch", "2", "--ema-decay", "0.5", "--save-every", "1",
                            *args], capture_output=True, text=True, timeout=600, env=ENV)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert proc.stdout.count("step 1/2") == 1  # one log line per step, from rank 0 only
+    assert proc.stdout.count(f"step {steps}/{steps}") == 1  # one log line per step, from rank 0 only
     return metrics(out)
 
 
-def test_torchrun_two_cpu_processes_lora_ddp_and_fsdp(tmp_path):
+def assert_same_weights(a, b, atol=2e-5):
     from safetensors.torch import load_file
 
+    wa, wb = load_file(a), load_file(b)
+    assert set(wa) == set(wb)
+    for k in wa:
+        # a SigLIP key bias shifts every score of a query alike (no RoPE there): softmax cancels it, its gradient is
+        # rounding noise, and Adam with eps 1e-15 turns noise into +-lr steps of either sign
+        if not (k.startswith("vit_model.") and k.endswith("k_proj.bias")):
+            torch.testing.assert_close(wa[k], wb[k], atol=atol, rtol=1e-4, msg=k)
+    return wa
+
+
+def test_torchrun_two_cpu_processes_grpo_lora_ddp_and_fsdp_with_resume(tmp_path):
     lora = torchrun(str(tmp_path / "lora"), "--lora-rank", "4")
     assert len(lora) == 2 and all(r["ratio0"] == 1.0 for r in lora)
     assert len(torch.load(tmp_path / "lora" / "checkpoint" / "latest.pt", weights_only=False)["rng"]) == 2
     assert os.path.exists(tmp_path / "lora" / "lora.safetensors")
-    # full generation expert: gradient averaging (plain) and FSDP sharding give the same trained weights
+    # full generation expert: gradient averaging (plain) and FSDP sharding, stopped after step 1 and resumed from
+    # its gathered checkpoint, give the same run (a lost optimizer state would move the weights by ~lr)
     plain = torchrun(str(tmp_path / "full"))
-    sharded = torchrun(str(tmp_path / "fsdp"), "--fsdp")
-    assert [r["reward"] for r in plain][0] == [r["reward"] for r in sharded][0]
-    wa = load_file(str(tmp_path / "full" / "gen_expert.safetensors"))
-    wb = load_file(str(tmp_path / "fsdp" / "gen_expert.safetensors"))
-    assert set(wa) == set(wb) and all("moe_gen" in k for k in wa)
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], atol=2e-5, rtol=1e-4)
+    fsdp = str(tmp_path / "fsdp")
+    torchrun(fsdp, "--fsdp", steps=1)
+    sharded = torchrun(fsdp, "--fsdp", "--resume")
+    assert [r["step"] for r in sharded] == [1, 2] and sharded[0]["reward"] == plain[0]["reward"]
+    for key in ("reward", "grad_norm", "loss"):
+        assert [r[key] for r in sharded] == pytest.approx([r[key] for r in plain], rel=1e-4, abs=1e-6), key
+    w = assert_same_weights(str(tmp_path / "full" / "gen_expert.safetensors"), os.path.join(fsdp, "gen_expert.safetensors"))
+    assert all("moe_gen" in k for k in w)
+
+
+def test_torchrun_unified_sft_fsdp_with_ema_and_resume(tmp_path):
+    """Unified-SFT on 2 CPU processes: FSDP (decoder and ViT layers, lm_head sharded) with a resume after step 1
+    matches plain gradient averaging - gradients (their norm), weights and the EMA (decay 0.5: far from both)."""
+    plain = torchrun(str(tmp_path / "plain"), "--stage", "sft")
+    fsdp = str(tmp_path / "fsdp")
+    torchrun(fsdp, "--stage", "sft", "--fsdp", steps=1)
+    sharded = torchrun(fsdp, "--stage", "sft", "--fsdp", "--resume")
+    for key in ("loss", "ce", "mse", "grad_norm"):
+        assert [r[key] for r in sharded] == pytest.approx([r[key] for r in plain], rel=1e-5), key
+    model = assert_same_weights(str(tmp_path / "plain" / "model.safetensors"), os.path.join(fsdp, "model.safetensors"))
+    ema = assert_same_weights(str(tmp_path / "plain" / "ema.safetensors"), os.path.join(fsdp, "ema.safetensors"))
+    assert set(model) == set(ema) and any(not torch.allclose(model[k], ema[k]) for k in model)
 
 
 # -- inference API and CLI ----------------------------------------------------------------------------
