@@ -25,6 +25,10 @@ Sections:
                 read / 3.0 TB/s), one SD3.5-Large denoising step of the group with CFG (batch 16) at 512 px, the
                 stage-3 update (forward + backward; the whole decoder_grpo_step per trained step). --size full
                 (random weights, GPU) or tiny.
+    psr         FLUX.1 Kontext through psr.py: one denoising step of a group of 6 at 512 px with 2 references (3072
+                image + 512 text tokens per row), the whole 28-step SDE rollout with VAE decode (images/s), one
+                trained timestep of the GRPO update (LoRA r64, gradient checkpointing): seconds, MFU, peak
+                memory. --size kontext-12b (random weights, GPU) or tiny.
 
 Prints the environment, a table, then one JSON line (the last line of stdout) that scripts can parse.
 Requires common.py next to it.
@@ -569,12 +573,105 @@ def bench_uae(device: torch.device, repeats: int = 3, size: str = "tiny", group:
 
 
 # -----------------------------------------------------------------------------
+# psr: FLUX.1 Kontext with 2 references - denoising steps of a group, the whole SDE rollout, the GRPO update
+
+
+def bench_psr(device: torch.device, repeats: int = 3, size: str = "tiny", group: int = 6, resolution: int = 512,
+              refs: int = 2, text_tokens: int = 512) -> list[dict]:
+    """psr.py's code paths with random weights: one denoising step of a group (psr.velocity, no grad), the whole
+    rollout (psr.rollout: the SDE at each of the 28 steps, log-probs, VAE decode) and one trained timestep of the
+    GRPO update (psr.grpo_step: re-score, clipped loss, backward; LoRA r64, gradient checkpointing).
+    --size kontext-12b: FLUX.1 Kontext [dev]'s architecture (FLUX.1-dev's configuration with the guidance
+    embedding) and FLUX's VAE; tiny: the embedded default's model classes, untrained."""
+    import psr
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+
+    dtype = common.pick_dtype(device)[0]
+    if size == "kontext-12b":
+        with torch.device("meta"):
+            tf = FluxTransformer2DModel(guidance_embeds=True)
+        tf = tf.to_empty(device=device).to(dtype)
+        for p in tf.parameters():
+            torch.nn.init.normal_(p, std=0.02)
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            layers_per_block=2, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159,
+                            scaling_factor=0.3611)  # FLUX's VAE configuration; fp32 as psr.load_models keeps it
+        models = psr.Models(tf, vae.to(device).eval(), None, None, None, None, max_text_len=text_tokens)
+        cfg = psr.Config(resolution=resolution, ref_resolution=resolution, group_size=group)  # the paper's values
+    else:
+        models = psr.random_toy_models(psr.TOY_SEED)
+        models.transformer.to(device, dtype)
+        models.vae.to(device)
+        cfg = psr.Config(**{**psr.TOY_SETTINGS, "sde_window": 0, "group_size": group})
+        resolution, text_tokens = cfg.resolution, models.max_text_len
+    tf = models.transformer.requires_grad_(False).eval()
+    models.vae.requires_grad_(False)
+    grid = psr.latent_grid(models, resolution)
+    ref_grid = psr.latent_grid(models, cfg.ref_resolution)
+    ref_tokens = refs * (ref_grid[0] // 2) * (ref_grid[1] // 2)
+    rand = lambda *shape: torch.randn(*shape, device=device, dtype=dtype)  # noqa: E731
+    cond = psr.Condition(text=rand(group, text_tokens, tf.config.joint_attention_dim),
+                         pooled=rand(group, tf.config.pooled_projection_dim),
+                         refs=rand(group, ref_tokens, tf.config.in_channels),
+                         ids=psr.frame_ids((grid[0] // 2, grid[1] // 2), [(ref_grid[0] // 2, ref_grid[1] // 2)] * refs),
+                         grid=grid)
+    x = psr.initial_noise(models, cfg, group, torch.Generator(device).manual_seed(0))
+    flops = flux_flops(tf, group, x.shape[1] + ref_tokens, text_tokens)
+    what = f"group {group}, {resolution}px, {refs} refs, {text_tokens} text tokens"
+    rows = []
+
+    def measure(fn, reps, warmup=2):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        return median_ms(fn, device, reps, warmup) / 1e3, round(common.peak_memory_gb(device), 1)
+
+    def step():
+        with torch.no_grad():
+            psr.velocity(models, x, torch.full((group,), 0.7, device=device), cond, cfg.guidance)
+
+    s, peak = measure(step, repeats)
+    rows.append({"section": "psr", "size": size, "what": f"rollout denoising step, {what}", "s": round(s, 4),
+                 "images_per_s": None, "mfu": round(flops / s / PEAK_BF16_FLOPS, 3), "peak_gb": peak})
+
+    steps = (range(cfg.num_steps), range(max(1, int(cfg.num_steps * cfg.timestep_fraction))))
+    out = {}
+
+    def whole():
+        out.update(psr.rollout(models, cfg, cond, torch.Generator(device).manual_seed(0), steps))
+
+    s, peak = measure(whole, max(1, min(repeats, 3)), warmup=1)
+    rows.append({"section": "psr", "size": size, "what": f"rollout: {cfg.num_steps} SDE steps + VAE decode, {what}",
+                 "s": round(s, 4), "images_per_s": round(group / s, 3),
+                 "mfu": round(cfg.num_steps * flops / s / PEAK_BF16_FLOPS, 3), "peak_gb": peak})
+
+    common.inject_lora(tf, psr.LORA_TARGETS, rank=64, alpha=128, init="gaussian")  # fp32 adapters, as psr.add_lora
+    tf.enable_gradient_checkpointing()
+    one = {"states": out["states"][:1], "next": out["next"][:1], "log_probs": out["log_probs"][:1], "steps": [0],
+           "sigmas": out["sigmas"]}  # one trained timestep of the stored rollout
+    adv = torch.linspace(-1, 1, group, device=device)
+    params = common.lora_parameters(tf)
+
+    def update():
+        psr.grpo_step(models, cfg, cond, one, adv)
+        for p in params:
+            p.grad = None
+
+    s, peak = measure(update, repeats)
+    trained = len(steps[1])
+    rows.append({"section": "psr", "size": size, "what": f"GRPO update, one trained step (LoRA r64, grad ckpt; "
+                 f"x {trained} steps = {s * trained:.1f} s per group), {what}", "s": round(s, 4),
+                 "images_per_s": None, "mfu": round(3 * flops / s / PEAK_BF16_FLOPS, 3), "peak_gb": peak})
+    return rows
+
+
+# -----------------------------------------------------------------------------
 # CLI
 
 SECTIONS = {"matching": bench_matching, "umo": bench_umo, "unirl": bench_unirl, "unicharacter": bench_unicharacter,
-            "uae": bench_uae}
+            "uae": bench_uae, "psr": bench_psr}
 SIZES = {"umo": ("tiny", "flux-12b"), "unirl": ("tiny", *JANUS_SIZES), "unicharacter": ("tiny", "bagel-7b"),
-         "uae": ("tiny", "full")}  # --size values each method section knows
+         "uae": ("tiny", "full"), "psr": ("tiny", "kontext-12b")}  # --size values each method section knows
 
 
 def cpu_name() -> str:

@@ -64,3 +64,24 @@ def test_uae_section_runs_on_cpu_and_knows_the_full_architectures():
     assert abs(sum(p.numel() for p in tf.parameters()) / 1e9 - 8.06) < 0.01  # reference/performance.md
     assert abs(sum(p.numel() for p in llm.parameters()) / 1e9 - 3.75) < 0.01  # Qwen2.5-VL-3B
     assert tf.config.joint_attention_dim == 4096 and llm.config.text_config.hidden_size == 2048  # the projector's
+
+
+def test_psr_section_runs_on_cpu_and_its_flops_match_a_counted_kontext_step():
+    from diffusers import FluxTransformer2DModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    rows = bench.bench_psr(torch.device("cpu"), repeats=1)
+    assert [r["section"] for r in rows] == ["psr"] * 3 and all(r["s"] > 0 for r in rows)
+    assert rows[1]["images_per_s"] > 0 and "8 SDE steps" in rows[1]["what"]
+    # the rollout step's FLOP count (the MFU's numerator) against PyTorch's count of the real architecture's forward
+    # at the benchmarked shape: group 6 at 512 px, 2 references (3 x 1024 image tokens), 512 text tokens (meta)
+    with torch.device("meta"):
+        tf = FluxTransformer2DModel(guidance_embeds=True)  # FLUX.1 Kontext [dev]'s configuration
+        x, text = torch.zeros(6, 3072, 64), torch.zeros(6, 512, 4096)
+        with FlopCounterMode(display=False) as counter:
+            tf(hidden_states=x, encoder_hidden_states=text, pooled_projections=torch.zeros(6, 768),
+               timestep=torch.ones(6), img_ids=torch.zeros(3072, 3), txt_ids=torch.zeros(512, 3),
+               guidance=torch.ones(6))
+    counted, ours = counter.get_total_flops(), bench.flux_flops(tf, 6, 3072, 512)
+    assert abs(ours - counted) < 1e-3 * counted  # only the per-sample modulation linears are left out
+    assert ours / 0.31 > bench.PEAK_BF16_FLOPS  # the issue's 0.31 s per step would need more than one H100's peak
