@@ -515,10 +515,10 @@ def bench_uae(device: torch.device, repeats: int = 3, size: str = "tiny", group:
     kv = 2 * config.num_hidden_layers * config.num_key_value_heads * (config.hidden_size // config.num_attention_heads)
     context = inputs.ids.shape[1] + caption_tokens - 1  # the static cache: every step attends over all its slots
     step_bytes = (weights + kv * group * context) * torch.finfo(dtype).bits / 8  # weights + KV cache read per step
-    for graphs in (False, True):  # every caption takes caption_tokens steps (no host read decides to stop early)
+    for graphs in (False, True):  # every caption takes caption_tokens steps (stop_early=False)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        s = median_ms(lambda: uae.sample_captions(models, inputs, caption_tokens, 0.7, generator, graphs),
+        s = median_ms(lambda: uae.sample_captions(models, inputs, caption_tokens, 0.7, generator, graphs, False),
                       device, repeats, 1) / 1e3
         how = "CUDA graph per step" if graphs else "eager steps"
         row(f"caption: prefill + {caption_tokens} token steps, {group} rows, {how}", s,

@@ -806,13 +806,14 @@ def caption_logprobs(models: Models, inp: CaptionInputs, tokens: torch.Tensor, t
 
 @torch.no_grad()
 def sample_captions(models: Models, inp: CaptionInputs, max_tokens: int, temperature: float,
-                    generator: torch.Generator | None = None, cuda_graph: bool = False
+                    generator: torch.Generator | None = None, cuda_graph: bool = False, stop_early: bool = True
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Captions: (tokens (B, T), log-probs (B, T)); after its stop token a row holds <|endoftext|> with log-prob 0.
 
     common.decode_tokens runs the text model with a static KV cache (one step replayed as a CUDA graph with
     cuda_graph); rows that stopped are fed pads whose tokens are overwritten, and the loop ends once every row has
-    stopped (one host read every 32 steps) or after max_tokens. T is then trimmed to the longest caption."""
+    stopped (one host read every 32 steps; stop_early=False always runs max_tokens steps, as bench.py times them).
+    T is then trimmed to the longest caption."""
     llm, b, dev = models.llm, inp.ids.shape[0], inp.ids.device
     # the prefix as Qwen2.5-VL's forward builds it: token embeddings with the merged ViT features at image slots
     embeds = llm.get_input_embeddings()(inp.ids)  # (B, P, D)
@@ -833,7 +834,8 @@ def sample_captions(models: Models, inp: CaptionInputs, max_tokens: int, tempera
         done.logical_or_(torch.isin(token, stops))  # in place: the captured graph keeps reading this buffer
         return llm.get_input_embeddings()(token)[:, None]  # (B, 1, D)
 
-    common.decode_tokens(models.lm, embeds, inp.mask, inp.pos, max_tokens, step, generator, cuda_graph, stopped=done)
+    common.decode_tokens(models.lm, embeds, inp.mask, inp.pos, max_tokens, step, generator, cuda_graph,
+                         stopped=done if stop_early else None)
     length = int(caption_mask(models, tokens).sum(1).max())
     return tokens[:, :length], logps[:, :length]
 
