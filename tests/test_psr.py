@@ -23,6 +23,7 @@ sys.path.insert(0, ROOT)
 import common  # noqa: E402
 import psr  # noqa: E402
 import umo  # noqa: E402
+from tiny import tiny_grounding_dino  # noqa: E402
 
 
 def toy_cfg(**overrides) -> psr.Config:
@@ -262,31 +263,6 @@ def test_toy_reward_prefers_the_reference_colours():
 
 
 # -- real-model glue on tiny random models ------------------------------------------------------------
-
-
-def tiny_grounding_dino(folder):
-    from transformers import (BertConfig, BertTokenizer, GroundingDinoConfig, GroundingDinoForObjectDetection,
-                              GroundingDinoProcessor, SwinConfig)
-    from transformers.models.grounding_dino.image_processing_pil_grounding_dino import GroundingDinoImageProcessorPil
-
-    os.makedirs(folder, exist_ok=True)
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "dog", "cat"]
-    with open(os.path.join(folder, "vocab.txt"), "w") as f:
-        f.write("\n".join(words))
-    torch.manual_seed(0)
-    config = GroundingDinoConfig(
-        backbone_config=SwinConfig(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=4,
-                                   image_size=64, out_indices=[2, 3, 4]),
-        text_config=BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                               intermediate_size=37, max_position_embeddings=64),
-        d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
-        encoder_ffn_dim=32, decoder_ffn_dim=32, num_queries=9, num_feature_levels=4, encoder_n_points=2,
-        decoder_n_points=2, max_text_len=32)
-    GroundingDinoForObjectDetection(config).save_pretrained(folder)
-    processor = GroundingDinoProcessor(image_processor=GroundingDinoImageProcessorPil(
-        size={"shortest_edge": 64, "longest_edge": 100}), tokenizer=BertTokenizer(os.path.join(folder, "vocab.txt")))
-    processor.save_pretrained(folder)
-    return folder
 
 
 def test_grounding_dino_wrapper_keeps_query_order_and_thresholds(tmp_path):
