@@ -40,8 +40,8 @@ a word-level tokenizer and a tiny diffusers AutoencoderKL built in code, and a s
 square with a dark nose) written as a character folder. The VAE is fitted and the model Unified-SFT'd on Bo in code
 once and cached (~/.cache/nanogenrl); rewards use documented stand-ins for BLIP/CLIP/DINOv2 that read the pixels
 (background colour, Bo's side), so "the reward rises" means the pictures really follow the prompts better.
-Measured on a shared 2-core CPU: reward 0.573 -> 0.647 (VQA 0.68 -> 0.81) over 60 steps, 80 s in all (17 s of it
-the one-time pre-training); --evaluate at inference settings 0.504 -> 0.618.
+Measured on a shared 2-core CPU: reward 0.573 -> 0.644 (VQA 0.68 -> 0.80) over 60 steps, 24 s with the toy cached
+(+ 11-15 s once for the pre-training); --evaluate at inference settings 0.504 -> 0.611.
 
 Commands (requires common.py next to it):
     python unicharacter.py --train                                           # embedded toy, CPU, ~1.5 minutes
@@ -52,6 +52,7 @@ Commands (requires common.py next to it):
     torchrun --standalone --nproc_per_node=8 unicharacter.py --train --stage sft --fsdp --grad-checkpointing \
         --model-dir BAGEL-7B-MoT --character-dir data/Bo         # Unified-SFT: model.safetensors + ema.safetensors
     python unicharacter.py --role-play "Hi" [--model-dir ... --checkpoint ...]
+    python unicharacter.py --role-play "Show me a picture of you" --with-thinking     # reply, plan, image
     python unicharacter.py --generate "Bo on a blue background on the left"
     python unicharacter.py --ask image.png "What color is the background?"     # visual understanding
     python unicharacter.py --knowledge "What color is Bo?"
@@ -815,8 +816,10 @@ def load_models(cfg: Config, device: torch.device, dtype: torch.dtype) -> Models
 #                              "images": {"images/0.png": "caption", ...}   text-to-image SFT pairs, DINO references
 #                              "prompts": [{"prompt", "vqa_questions": [{"question", "answer", "weight",
 #                                           "is_negative"}]}]}          Character-GRPO prompts (optional)
-# <character>/dialogues.jsonl {"user", "reply", "kind": "role_play" (default) | "vqa" | "knowledge",
+# <character>/dialogues.jsonl {"user", "reply", "kind": "role_play" (default) | "vqa" | "knowledge" | "thinking",
 #                              "image": "images/3.png" (optional), "history": [["user", text], ...] (optional)}
+#                              thinking rows: "response" = the character's reply, "reply" = "<think>plan</think>
+#                              <gen>image instruction</gen>" (the public *_vlm_thinking.jsonl)
 
 ROLE_PLAY_TEMPLATE = ("Character Description: {description}\nOpening: {opening}\n{history}User Input: {user}\n"
                       "Based on the character description, opening, conversation history, current user input, and "
@@ -824,6 +827,19 @@ ROLE_PLAY_TEMPLATE = ("Character Description: {description}\nOpening: {opening}\
 T2I_TEMPLATE = ("Character Description: {description}\nUser Input: {user}\nCharacter Response: {reply}\nPlease "
                 "generate an image that visualizes this scene with the character responding to the user's input "
                 "based on the character description.")
+# the picture plan of role-play with thinking (our wording; the public THINK_SYSTEM_PROMPT asks for the same tags)
+THINK_TEMPLATE = ("Character Description: {description}\nUser Input: {user}\nCharacter Response: {reply}\nPlan a "
+                  "picture of this scene: reason inside <think></think>, then write the image instruction inside "
+                  "<gen></gen>.")
+T2I_THINK_TEMPLATE = T2I_TEMPLATE.replace("\nPlease generate", "\nThinking Process: {thinking}\nGeneration "
+                                          "Instruction: {instruction}\nPlease generate")
+PLAN = re.compile(r"<\s*think\s*>(.*?)<\s*/\s*think\s*>.*?<\s*gen\s*>(.*?)<\s*/\s*gen\s*>", re.DOTALL)
+
+
+def parse_plan(text: str) -> tuple[str, str] | None:
+    """(thinking, instruction) from "<think>...</think><gen>...</gen>" (spaces inside the tags tolerated), or None."""
+    m = PLAN.search(text)
+    return (m.group(1).strip(), m.group(2).strip()) if m else None
 
 
 def character_folder(cfg: Config) -> str:
@@ -894,10 +910,15 @@ def load_character(models: Models, folder: str, image_size: int) -> Character:
     tokens = patchify(lat.float(), p).cpu()
     text = []
     for i, r in enumerate(rows):
-        kind = r.get("kind", "role_play")
-        if kind not in ("role_play", "vqa", "knowledge"):
-            raise ValueError(f"{folder}/dialogues.jsonl:{i + 1}: kind {kind!r} is not role_play, vqa or knowledge")
-        prompt = r["user"] if kind != "role_play" else role_play_prompt(persona, r["user"], r.get("history"))
+        kind, where = r.get("kind", "role_play"), f"{folder}/dialogues.jsonl:{i + 1}"
+        if kind not in ("role_play", "vqa", "knowledge", "thinking"):
+            raise ValueError(f"{where}: kind {kind!r} is not role_play, vqa, knowledge or thinking")
+        prompt = role_play_prompt(persona, r["user"], r.get("history")) if kind == "role_play" else r["user"]
+        if kind == "thinking":
+            if "response" not in r or parse_plan(r["reply"]) is None:
+                raise ValueError(f"{where}: a thinking row needs 'response' (the character's reply) and a 'reply' "
+                                 "of the form <think>...</think><gen>...</gen>")
+            prompt = THINK_TEMPLATE.format(description=persona["description"], user=r["user"], reply=r["response"])
         pix = image(r["image"], models.vit_size) if r.get("image") else None
         text.append((pix, prompt, r["reply"]))
     prompts = persona.get("prompts") or [dict(prompt=c, vqa_questions=[]) for c in persona["images"].values()]
@@ -1958,20 +1979,29 @@ IMAGE_REQUEST = re.compile(r"\b(picture|photo|image|draw|show me|selfie)\b", re.
 
 
 def role_play(models: Models, cfg: Config, persona: dict, user: str, reference_image=None, history=None,
-              with_image: bool | None = None, generator=None) -> dict:
+              with_image: bool | None = None, with_thinking: bool = False, generator=None) -> dict:
     """Reply in persona (sampled, text_temperature), then - when asked for a picture (with_image, or the user's
-    words ask for one) - an image of the scene from the public T2I template. fix: the prompt is kept when a
-    reference image is given (the public call passes text=None then). Returns {"response", "image" (or None)}."""
+    words ask for one) - an image of the scene from the public T2I template; with_thinking first samples a plan
+    "<think>...</think><gen>...</gen>" (temperature 0.3, as public) and adds both parts to the image prompt (a
+    reply without the tags falls back to the plain template). fix: the prompt is kept when a reference image is
+    given (the public call passes text=None then). Returns {"response", "image" (or None), "thinking_process",
+    "generation_instruction" (None unless planned)}."""
     if not user.strip():
         raise ValueError("the user input is empty")
     pix = None if reference_image is None else vit_pixels(models, reference_image)
     reply = generate_text(models, [pix], [role_play_prompt(persona, user, history)], cfg.max_text_tokens,
                           cfg.text_temperature, generator)[0]
-    image = None
+    image, plan = None, None
     if with_image or (with_image is None and IMAGE_REQUEST.search(user)):
-        prompt = T2I_TEMPLATE.format(description=persona["description"], user=user, reply=reply)
+        fields = dict(description=persona["description"], user=user, reply=reply)
+        if with_thinking:
+            plan = parse_plan(generate_text(models, [None], [THINK_TEMPLATE.format(**fields)], cfg.max_text_tokens,
+                                            0.3, generator)[0])
+        prompt = (T2I_THINK_TEMPLATE.format(**fields, thinking=plan[0], instruction=plan[1]) if plan
+                  else T2I_TEMPLATE.format(**fields))
         image = generate_image(models, cfg, prompt, 1, generator)[0]
-    return {"response": reply, "image": image}
+    return {"response": reply, "image": image, "thinking_process": plan and plan[0],
+            "generation_instruction": plan and plan[1]}
 
 
 # -----------------------------------------------------------------------------
@@ -1989,6 +2019,7 @@ def main(argv=None):
     mode.add_argument("--knowledge", metavar="QUESTION", help="knowledge QA: a text-only answer")
     mode.add_argument("--role-play", metavar="TEXT", help="reply in persona (and draw the scene if asked for a picture)")
     parser.add_argument("--reference-image", metavar="IMAGE", help="--role-play: an image the user shows")
+    parser.add_argument("--with-thinking", action="store_true", help="--role-play: plan the picture first")
     common.add_config_args(parser, Config)
     args = parser.parse_args(argv)
     cfg = resolve_config(common.config_from_args(Config, args), common.given_fields(Config, parser, argv))
@@ -2013,8 +2044,11 @@ def main(argv=None):
     else:
         persona = read_persona(character_folder(cfg))
         ref = common.load_image(args.reference_image) if args.reference_image else None
-        out = role_play(models, cfg, persona, args.role_play, ref, generator=generator)
+        out = role_play(models, cfg, persona, args.role_play, ref, with_thinking=args.with_thinking,
+                        generator=generator)
         common.print0(f"{persona['name']}: {out['response']}")
+        if out["generation_instruction"]:
+            common.print0(f"(plan: {out['thinking_process']} -> {out['generation_instruction']})")
         if out["image"] is not None:
             os.makedirs(folder, exist_ok=True)
             out["image"].save(os.path.join(folder, "role_play.png"))

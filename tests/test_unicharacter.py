@@ -654,6 +654,36 @@ def test_role_play_and_the_api_on_the_embedded_default(tmp_path, capsys):
         run("--ask", str(tmp_path / "missing.png"), "What?")
 
 
+def test_role_play_with_thinking_plans_the_picture(toy, tmp_path, monkeypatch):
+    """The plan's two parts go into the image prompt (BAGEL's T2I-with-thinking template); thinking rows of a
+    character folder train the planning prompt; malformed rows are named."""
+    persona = U.read_persona(U.character_folder(U.Config()))
+    prompts = []
+    texts = iter(["Woof! Here I am.", "<think>Bo likes grass</think> <gen>Bo on a green background</gen>"])
+    monkeypatch.setattr(U, "generate_text", lambda models, images, ps, *a, **k: (prompts.append(ps[0]), [next(texts)])[1])
+    monkeypatch.setattr(U, "generate_image", lambda models, cfg, prompt, n, generator=None: [prompt])
+    out = U.role_play(toy, U.Config(), persona, "Show me a picture", with_thinking=True)
+    assert out["thinking_process"] == "Bo likes grass" and out["generation_instruction"] == "Bo on a green background"
+    assert "Character Response: Woof! Here I am." in prompts[1] and "<gen></gen>" in prompts[1]
+    assert "Thinking Process: Bo likes grass\nGeneration Instruction: Bo on a green background\nPlease" in out["image"]
+    texts = iter(["Woof!", "no plan here"])
+    out = U.role_play(toy, U.Config(), persona, "Show me a picture", with_thinking=True)
+    assert out["generation_instruction"] is None and "Thinking Process" not in out["image"]
+    monkeypatch.undo()
+    folder = tmp_path / "bo"
+    import shutil
+    shutil.copytree(U.character_folder(U.Config()), folder)
+    row = dict(kind="thinking", user="Show me", response="Woof!", reply="<think>grass</think><gen>Bo on grass</gen>")
+    with open(folder / "dialogues.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    data = U.load_character(toy, str(folder), 16)
+    assert data.text[-1][1].endswith("inside <gen></gen>.") and data.text[-1][2] == row["reply"]
+    with open(folder / "dialogues.jsonl", "a") as f:
+        f.write(json.dumps(dict(row, reply="just words")) + "\n")
+    with pytest.raises(ValueError, match=r"dialogues.jsonl:\d+: a thinking row"):
+        U.load_character(toy, str(folder), 16)
+
+
 def test_help_lists_every_flag_with_its_comment(capsys, monkeypatch):
     import dataclasses as dc
 
