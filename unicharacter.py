@@ -130,6 +130,7 @@ class Config:
     stage: str = "grpo"  # "sft" (Unified-SFT) or "grpo" (Character-GRPO)
     lr: float = 1e-5  # GRPO learning rate (YAML)
     sft_lr: float = 2e-5  # Unified-SFT learning rate (README launch)
+    sft_adam_eps: float = 1e-15  # Unified-SFT AdamW eps (public script; so small that any first step is +-lr)
     max_steps: int = 101  # GRPO epochs (YAML num_epochs) or SFT steps (README: 501)
     ce_weight: float = 0.25  # Unified-SFT text cross-entropy weight (pretrain_unified_navit ce_weight)
     mse_weight: float = 1.0  # Unified-SFT flow-matching MSE weight
@@ -1222,11 +1223,13 @@ def sft_step(models: Models, cfg: Config, data: Character, optimizer, rng: rando
 
 def sft_run(models: Models, cfg: Config, data: Character, steps: int, rng: random.Random, log=None, start: int = 0,
             optimizer=None):
-    """Unified-SFT for `steps` steps: AdamW (0.9, 0.95), eps 1e-15, no weight decay, constant lr (public script)."""
+    """Unified-SFT for `steps` steps: AdamW (0.9, 0.95), eps sft_adam_eps, no weight decay, constant lr (public
+    script)."""
     params = sft_parameters(models.model)
     for p in params:
         p.requires_grad_(True)
-    optimizer = optimizer or torch.optim.AdamW(params, lr=cfg.sft_lr, betas=(0.9, 0.95), eps=1e-15, weight_decay=0.0)
+    optimizer = optimizer or torch.optim.AdamW(params, lr=cfg.sft_lr, betas=(0.9, 0.95), eps=cfg.sft_adam_eps,
+                                               weight_decay=0.0)
     for step in range(start, steps):
         generator = common.step_generator(cfg.seed, step, dist.get_rank() if dist.is_initialized() else 0)
         metrics = sft_step(models, cfg, data, optimizer, rng, generator)
@@ -1782,7 +1785,7 @@ def train_sft(models: Models, cfg: Config, d: common.Dist, data: Character) -> N
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     # fp32 shadow, sharded like the weights: a (1 - 0.9999) step is far below bf16's resolution
     ema = {n: p.detach().float().clone() for n, p in model.named_parameters() if n in trained}
-    optimizer = torch.optim.AdamW(params, lr=cfg.sft_lr, betas=(0.9, 0.95), eps=1e-15, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=cfg.sft_lr, betas=(0.9, 0.95), eps=cfg.sft_adam_eps, weight_decay=0.0)
     start = 0
     if cfg.resume:
         state = common.load_checkpoint(ckpt)

@@ -621,10 +621,13 @@ def test_torchrun_two_cpu_processes_grpo_lora_ddp_and_fsdp_with_resume(tmp_path)
 def test_torchrun_unified_sft_fsdp_with_ema_and_resume(tmp_path):
     """Unified-SFT on 2 CPU processes: FSDP (decoder and ViT layers, lm_head sharded) with a resume after step 1
     matches plain gradient averaging - gradients (their norm), weights and the EMA (decay 0.5: far from both)."""
-    plain = torchrun(str(tmp_path / "plain"), "--stage", "sft")
+    # with the public eps 1e-15 Adam's first step is +-lr on every element, so a gradient element at rounding-noise
+    # level (a different summation order under FSDP can flip its sign) would move by 2 lr: eps 1e-6 keeps that tiny
+    sft = ("--stage", "sft", "--sft-adam-eps", "1e-6")
+    plain = torchrun(str(tmp_path / "plain"), *sft)
     fsdp = str(tmp_path / "fsdp")
-    torchrun(fsdp, "--stage", "sft", "--fsdp", steps=1)
-    sharded = torchrun(fsdp, "--stage", "sft", "--fsdp", "--resume")
+    torchrun(fsdp, *sft, "--fsdp", steps=1)
+    sharded = torchrun(fsdp, *sft, "--fsdp", "--resume")
     for key in ("loss", "ce", "mse", "grad_norm"):
         assert [r[key] for r in sharded] == pytest.approx([r[key] for r in plain], rel=1e-5), key
     model = assert_same_weights(str(tmp_path / "plain" / "model.safetensors"), os.path.join(fsdp, "model.safetensors"))
