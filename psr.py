@@ -203,6 +203,7 @@ def load_models(cfg: Config, device: torch.device, dtype: torch.dtype) -> Models
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
     if cfg.flux_dir is None:
+        common.toy_cpu_threads(device)
         models = toy_models(TOY_SEED)
     else:
         root = _require(cfg.flux_dir, "FLUX.1 Kontext folder")
@@ -438,13 +439,8 @@ def pretrain_toy(seed: int) -> dict:
     2. The transformer: flow matching on the toy instructions and references, with targets whose subjects keep
        their reference colour only TOY_MATCH of the time (a random colour otherwise). It so learns shapes and slots
        from the text but is only partly consistent with the references: the headroom R_PSR has to close."""
-    rows = toy_dataset()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model on CPU: thread hand-offs cost more than they save (5x on 2 busy cores)
-    try:
-        return _pretrain_toy(seed, rows)
-    finally:
-        torch.set_num_threads(threads)
+    common.toy_cpu_threads(torch.device("cpu"))
+    return _pretrain_toy(seed, toy_dataset())
 
 
 def _pretrain_toy(seed: int, rows: list[dict]) -> dict:
@@ -1141,16 +1137,6 @@ def train(cfg: Config, aesthetic=None) -> list[dict]:
     """GRPO (or the SFT stage); returns the logged metrics of every step (also in out_dir/metrics.jsonl)."""
     if cfg.algorithm not in ("grpo", "sft"):
         raise ValueError(f"--algorithm must be grpo or sft, got {cfg.algorithm!r}")
-    threads = torch.get_num_threads()
-    if cfg.flux_dir is None and not torch.cuda.is_available():
-        torch.set_num_threads(1)  # the toy's tiny ops on CPU: one thread per process is several times faster
-    try:
-        return _train(cfg, aesthetic)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _train(cfg: Config, aesthetic) -> list[dict]:
     d = common.init_dist(cfg.device)
     dtype, why = common.pick_dtype(d.device, cfg.dtype)
     common.print0(f"psr: {cfg.algorithm} on {d.device} x {d.world_size} | {why}")

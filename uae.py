@@ -162,7 +162,6 @@ class Config:
     seed: int = 0  # seeds data order, sampling noise and LoRA init
     device: str = "auto"  # auto, cuda or cpu
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16
-    cpu_threads: int = 1  # torch threads on CPU (tiny toy ops only lose to thread sync; 0 = torch's default)
     # ---- embedded toy (only without --qwen-dir)
     toy_pretrain_steps: int = 700  # in-code pre-training of the tiny decoder (0 = random tiny models, wiring only)
     toy_caption_steps: int = 200  # in-code pre-training of the tiny captioner (names a random half of the attributes)
@@ -470,9 +469,8 @@ def load_models(cfg: Config, device: torch.device, dtype: torch.dtype) -> Models
     """Real weights from local folders, or the embedded tiny models (pre-trained in code once, cached)."""
     if device.type == "cpu":
         torch.backends.mkldnn.enabled = False  # oneDNN is slower than torch's kernels on the toy's small convolutions
-        if cfg.cpu_threads > 0:
-            torch.set_num_threads(cfg.cpu_threads)
     if cfg.qwen_dir is None:
+        common.toy_cpu_threads(device)
         models = load_toy(cfg)
     else:
         llm, tokenizer, image_processor, template, projector, stops, pad, image_token = load_qwen(cfg, dtype)

@@ -768,11 +768,7 @@ def load_models(cfg: Config, device: torch.device, dtype: torch.dtype) -> Models
     if cfg.model_dir is not None:
         models = load_bagel(cfg.model_dir, cfg.checkpoint, dtype)
     else:
-        if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() > 1:
-            torch.set_num_threads(1)
-            common.print0("one CPU thread: the toy's matrices are tiny and OpenMP workers spin against other "
-                          "processes on shared cores (measured 40x slower with 2 threads); set OMP_NUM_THREADS to "
-                          "override")
+        common.toy_cpu_threads(device)
         folder = character_folder(cfg)
         models = toy_models(folder)
         path = toy_cache_path(cfg)

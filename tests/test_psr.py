@@ -625,7 +625,7 @@ def test_torchrun_two_cpu_processes(tmp_path):
 
 def run_psr(*args, timeout=600):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "psr.py"), *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "2"})
+                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 
