@@ -66,6 +66,30 @@ def median_ms(fn, device: torch.device, repeats: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
+def random_weights(build, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """build() on the meta device, then materialised on `device` in `dtype` with N(0, 0.02) weights: the real
+    architecture's shapes and speed without initialising billions of parameters on the CPU first."""
+    with torch.device("meta"):
+        model = build()
+    model = model.to_empty(device=device).to(dtype)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    return model
+
+
+def flux_12b(device: torch.device, dtype: torch.dtype):
+    """FLUX.1-dev's transformer configuration (with the guidance embedding, as Kontext) in `dtype` and FLUX's VAE
+    (fp32, on the CPU: callers place it as their method file does), both with random weights."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+
+    transformer = random_weights(lambda: FluxTransformer2DModel(guidance_embeds=True), device, dtype)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        layers_per_block=2, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159,
+                        scaling_factor=0.3611)
+    return transformer, vae
+
+
 # -----------------------------------------------------------------------------
 # matching
 
@@ -131,21 +155,10 @@ def flux_flops(tf, batch: int, image_tokens: int, text_tokens: int) -> float:
 def bench_umo(device: torch.device, repeats: int = 5, size: str = "tiny", group: int = 8,
               resolution: int = 512, text_tokens: int = 512) -> list[dict]:
     import umo
-    from diffusers import FluxTransformer2DModel
 
     dtype = common.pick_dtype(device)[0]
     if size == "flux-12b":
-        from diffusers import AutoencoderKL
-
-        with torch.device("meta"):
-            tf = FluxTransformer2DModel(guidance_embeds=True)  # FLUX.1-dev's configuration
-        tf = tf.to_empty(device=device).to(dtype)
-        for p in tf.parameters():
-            torch.nn.init.normal_(p, std=0.02)
-        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
-                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                            layers_per_block=2, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159,
-                            scaling_factor=0.3611)  # FLUX.1-dev's VAE configuration, random weights
+        tf, vae = flux_12b(device, dtype)
         half = resolution / 2  # two face boxes side by side: ArcFace and the warp run as with real faces
         detector = umo.SlotDetector({(resolution, resolution): [(0, half / 2, half, 1.5 * half),
                                                                  (half, half / 2, 2 * half, 1.5 * half)]})
@@ -249,12 +262,8 @@ def _janus_of_size(size: str, device: torch.device, dtype: torch.dtype):
     text = LlamaConfig(vocab_size=102400, max_position_embeddings=16384, **JANUS_SIZES[size])
     config = JanusConfig(text_config=text, vq_config={"projection_dim": text.hidden_size,
                                                       "image_token_embed_dim": text.hidden_size})
-    with torch.device("meta"):
-        model = JanusForConditionalGeneration(config)
-    model = model.to_empty(device=device).to(dtype).eval().requires_grad_(False)
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.02)
-    models = unirl.toy_models(model, processor)
+    model = random_weights(lambda: JanusForConditionalGeneration(config), device, dtype)
+    models = unirl.toy_models(model.eval().requires_grad_(False), processor)
     models.num_image_tokens = 576  # 24 x 24 tokens at 384 px
     return models
 
@@ -338,11 +347,7 @@ def bench_unicharacter(device: torch.device, repeats: int = 3, size: str = "tiny
 
     dtype = common.pick_dtype(device)[0]
     if size == "bagel-7b":
-        with torch.device("meta"):
-            model = U.Bagel(U.BAGEL_7B)
-        model = model.to_empty(device=device).to(dtype)
-        for p in model.parameters():
-            torch.nn.init.normal_(p, std=0.02)
+        model = random_weights(lambda: U.Bagel(U.BAGEL_7B), device, dtype)
         models = U.Models(model, None, None, dict(bos=0, eos=1, soi=2, eoi=3, pad=4), 378, toy=False)
     else:
         cfg = U.resolve_config(U.Config())
@@ -584,19 +589,10 @@ def bench_psr(device: torch.device, repeats: int = 3, size: str = "tiny", group:
     --size kontext-12b: FLUX.1 Kontext [dev]'s architecture (FLUX.1-dev's configuration with the guidance
     embedding) and FLUX's VAE; tiny: the embedded default's model classes, untrained."""
     import psr
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
 
     dtype = common.pick_dtype(device)[0]
     if size == "kontext-12b":
-        with torch.device("meta"):
-            tf = FluxTransformer2DModel(guidance_embeds=True)
-        tf = tf.to_empty(device=device).to(dtype)
-        for p in tf.parameters():
-            torch.nn.init.normal_(p, std=0.02)
-        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
-                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                            layers_per_block=2, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159,
-                            scaling_factor=0.3611)  # FLUX's VAE configuration; fp32 as psr.load_models keeps it
+        tf, vae = flux_12b(device, dtype)  # the VAE stays fp32, as psr.load_models keeps it
         models = psr.Models(tf, vae.to(device).eval(), None, None, None, None, max_text_len=text_tokens)
         cfg = psr.Config(resolution=resolution, ref_resolution=resolution, group_size=group)  # the paper's values
     else:
